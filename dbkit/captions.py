@@ -1,0 +1,115 @@
+"""Training captions: where they come from, how the subject is named, and train-time edits.
+
+Sources (params `captions.source`): `fixed` (one instance prompt for every image, the
+DreamBooth paper's setting), `sidecar` (a .txt beside each image, kohya style),
+`metadata` (metadata.jsonl's `text`/`caption`), `toyworld` (the exact truth the renderer
+recorded) and `oracle` (read back from the pixels: the toy world's stand-in for a WD14
+tagger or BLIP captioner). The subject phrase follows `captions.trigger`: "sks star",
+"sks", or just "star". Train-time edits (tag filter, shuffle with keep-first-N, caption
+dropout) are applied per step by `train_caption`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from .data import DataError
+
+
+def subject_phrase(p: dict) -> str:
+    """How captions name the subject, per `captions.trigger`."""
+    c = p["captions"]
+    if c["trigger"] == "identifier":
+        return f"{c['identifier']} {c['class_noun']}".strip()
+    if c["trigger"] == "word":
+        return c["identifier"]
+    return c["class_noun"]
+
+
+def expand(template: str, p: dict) -> str:
+    """Fill {subject}, {identifier} and {class_noun} in a prompt template."""
+    c = p["captions"]
+    return template.format(subject=subject_phrase(p), identifier=c["identifier"], class_noun=c["class_noun"])
+
+
+def _from_scene(scene, noun: str, form: str) -> tuple[str, list[str]]:
+    from .toyworld import scenes
+
+    sentence = scenes.caption_sentence(scene, noun=noun)
+    tags = scenes.caption_tags(scene, noun=noun)
+    text = {"sentence": sentence, "tags": ", ".join(tags), "both": f"{sentence}, {', '.join(tags[1:])}"}[form]
+    return text, tags
+
+
+def _toyworld_scene(record: dict | None, file: str):
+    from .toyworld import scenes
+
+    if not record or "background" not in record:
+        raise DataError(f"{file}: captions.source=toyworld needs a metadata.jsonl record with background/"
+                        "position/size (toy-world subject folders have one); use another caption source")
+    obj = scenes.SceneObject(record.get("class_noun", "star"), "red", "plain", record["size"], record["position"])
+    return scenes.Scene(record["background"], (obj,))
+
+
+def _oracle_scene(file: str):
+    from .data import open_rgb
+    from .toyworld import oracle, scenes
+
+    r = oracle.read(open_rgb(Path(file)).resize((scenes.SIZE, scenes.SIZE)))
+    obj = scenes.SceneObject(r.shape or "circle", r.colour or "red", r.pattern or "plain", r.size or "large",
+                             r.position or "center")
+    return scenes.Scene(r.background, (obj,))
+
+
+def caption_for(entry: dict, p: dict) -> dict:
+    """The caption record of one manifest entry: {file, caption, tags}."""
+    c, noun = p["captions"], subject_phrase(p)
+    src, file = c["source"], entry["file"]
+    if src == "fixed":
+        text = expand(c["instance_prompt"], p)
+        return {"file": file, "caption": text, "tags": [t.strip() for t in text.split(",")]}
+    if src == "sidecar":
+        if entry.get("sidecar_caption") is None:
+            raise DataError(f"{file}: captions.source=sidecar but {Path(file).with_suffix('.txt')} is missing;"
+                            " write one caption per image or choose captions.source=fixed")
+        text = entry["sidecar_caption"].replace("{subject}", noun)
+        return {"file": file, "caption": text, "tags": [t.strip() for t in text.split(",")]}
+    if src == "metadata":
+        rec = entry.get("record") or {}
+        text = rec.get("text") or rec.get("caption")
+        if not text:
+            raise DataError(f"{file}: captions.source=metadata needs a 'text' or 'caption' field in metadata.jsonl")
+        return {"file": file, "caption": text.replace("{subject}", noun),
+                "tags": [t.strip() for t in text.split(",")]}
+    scene = _toyworld_scene(entry.get("record"), file) if src == "toyworld" else _oracle_scene(file)
+    text, tags = _from_scene(scene, noun, c["form"])
+    return {"file": file, "caption": text, "tags": tags}
+
+
+def build_captions(manifest: list[dict], p: dict) -> list[dict]:
+    return [caption_for(e, p) for e in manifest]
+
+
+def tag_frequencies(captions: list[dict]) -> dict[str, int]:
+    return dict(Counter(t for c in captions for t in c["tags"]).most_common())
+
+
+def train_caption(record: dict, p: dict, rng: random.Random) -> str:
+    """The caption used at one training step: dropout, tag filter, shuffle keeping the first N."""
+    c = p["captions"]
+    if c["dropout"] > 0 and rng.random() < c["dropout"]:
+        return ""
+    uses_tags = c["keep_tags"] or c["shuffle"]
+    if not uses_tags:
+        return record["caption"]
+    tags = list(record["tags"])
+    if c["keep_tags"]:
+        keep = set(c["keep_tags"]) | {subject_phrase(p)}
+        tags = [t for t in tags if t in keep]
+    if c["shuffle"]:
+        head, tail = tags[: c["keep_first"]], tags[c["keep_first"] :]
+        rng.shuffle(tail)
+        tags = head + tail
+    return ", ".join(tags)

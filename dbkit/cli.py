@@ -1,0 +1,117 @@
+"""The `dbkit` command line: run experiments, rebuild reports, pretrain the toy world, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .toyworld import recipe
+
+    out = Path(args.out)
+    log_path = out.parent / f"{out.name}.log.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(d: dict) -> None:
+        line = json.dumps(d)
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    overrides = json.loads(args.recipe) if args.recipe else {}
+    info = recipe.pretrain(out, overrides, log=log)
+    log({"phase": "done", **info})
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import runner
+    from .config import ConfigError
+    from .runs import RunDirError
+
+    try:
+        out = runner.run_experiment(args.params, args.param, reports_root=Path(args.reports),
+                                    notebooks_dir=Path(args.notebooks), only=args.only,
+                                    progress=not args.no_progress)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
+        # a user-facing problem found before any notebook ran: the message says what to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except runner.NotebookFailed:
+        return 1  # run_experiment already printed the failing cell and the HTML path
+    index = out / "index.html"
+    print(f"report: {index if index.exists() else out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import runner
+
+    print(runner.build_index(Path(args.reports)))
+    return 0
+
+
+def _cmd_check_report(args: argparse.Namespace) -> int:
+    from . import runner
+
+    html_path = Path(args.html)
+    if not html_path.is_file():
+        print(f"error: {html_path} not found", file=sys.stderr)
+        return 2
+    refs = runner.external_refs(html_path.read_text(encoding="utf-8"))
+    for ref in refs:
+        print(f"external reference: {ref}", file=sys.stderr)
+    png = Path(args.out) if args.out else html_path.with_suffix(".png")
+    try:
+        png = runner.screenshot(html_path, png)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(png)
+    if runner.is_blank(png):
+        print("error: the page rendered blank", file=sys.stderr)
+        return 1
+    return 1 if refs else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dbkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain-toyworld", help="train the toy base model from scratch (fixed seed)")
+    p.add_argument("--out", default="runs/pretrain-toyworld/base", help="output pipeline folder")
+    p.add_argument("--recipe", default="", help='JSON overrides of the recipe, e.g. \'{"unet_steps": 100}\'')
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("run", help="validate params, run the notebooks with papermill, write HTML reports")
+    p.add_argument("params", help="params YAML, e.g. params/demo.yaml")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param (repeatable), e.g. -p train.lora.rank=32")
+    p.add_argument("--only", nargs="+", action="extend", metavar="NOTEBOOK",
+                   help="run only these notebooks, e.g. --only 03_train 05_report (they read earlier "
+                        "notebooks' files from the run folder)")
+    p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    p.add_argument("--notebooks", default="notebooks", help="notebooks folder (default: notebooks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="rebuild reports/index.html from every experiment's summary.json")
+    p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("check-report", help="screenshot a report page in headless Chromium (offline) "
+                                            "and check it is not blank and fetches nothing")
+    p.add_argument("html", help="an HTML report, e.g. reports/demo/index.html")
+    p.add_argument("--out", default="", help="PNG path (default: beside the HTML)")
+    p.set_defaults(func=_cmd_check_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,663 @@
+"""Experiment params: YAML files that ``extends:`` one another, dotted overrides, strict checks, a stable hash.
+
+Every valid key, with its default, lives in ``params/base.yaml``; an experiment file names
+the file it extends and overrides only what it varies. :func:`load` resolves the chain,
+applies command-line overrides (``train.lora.rank=32``) and validates everything before any
+work starts, so a typo fails in a second rather than after an hour of training. The
+resolved params get a hash that names the run folder: the same params always map to the
+same folder (that is how resume works), and editing prose (``notes``) never invalidates a run.
+
+Two keys describe a file rather than the run and so are not inherited from a parent file:
+``experiment`` (the name; empty means the file's stem) and ``notes``. Both sit on top of
+base.yaml's defaults only. ``ablation.vary`` is replaced as a whole, never merged, so a
+child file can switch an inherited ablation off with ``vary: {}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
+
+# Allowed values of the enumerated keys; must match the comments in params/base.yaml
+# (tests/test_config.py checks that they do).
+ENUMS: dict[str, tuple[str, ...]] = {
+    "base.family": ("auto", "sd15", "sd2", "sdxl", "playground"),
+    "captions.source": ("fixed", "sidecar", "metadata", "toyworld", "oracle"),
+    "captions.form": ("sentence", "tags", "both"),
+    "captions.trigger": ("identifier", "word", "none"),
+    "train.method": ("lora", "dora", "full"),
+    "train.lr_scheduler": ("constant", "linear", "cosine"),
+    "train.optimizer": ("adamw", "adamw8bit", "prodigy"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "sample.scheduler": ("ddim", "euler", "dpm++"),
+    "metrics.backend": ("oracle", "clip"),
+}
+
+# Keys left out of the hash: they name or describe a run without changing what it computes
+# (an ablation's variants are hashed one by one, each with its own overridden value).
+HASH_EXCLUDE = ("notes", "experiment", "ablation")
+
+# Keys that hold free-form content rather than schema sections.
+_FREE_KEYS = ("notes",)
+_VARY_KEY = "ablation.vary"
+_NOT_INHERITED = ("experiment", "notes")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Value ranges: (low, high, low_inclusive). None = unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "seed": (0, None, True),
+    "base.resolution": (8, None, True),
+    "data.resolution": (8, None, True),
+    "data.repeats": (1, None, True),
+    "data.max_images": (0, None, True),
+    "captions.keep_first": (0, None, True),
+    "captions.dropout": (0, 1, True),
+    "prior.num_images": (0, None, True),
+    "prior.weight": (0, None, True),
+    "prior.steps": (1, None, True),
+    "prior.guidance": (0, None, True),
+    "prior.seed": (0, None, True),
+    "train.text_encoder_fraction": (0, 1, True),
+    "train.steps": (1, None, True),
+    "train.batch_size": (1, None, True),
+    "train.grad_accum": (1, None, True),
+    "train.lr": (0, None, False),
+    "train.text_encoder_lr": (0, None, False),
+    "train.warmup_steps": (0, None, True),
+    "train.weight_decay": (0, None, True),
+    "train.max_grad_norm": (0, None, True),
+    "train.min_snr_gamma": (0, None, True),
+    "train.noise_offset": (0, None, True),
+    "train.ema_decay": (0, 1, True),
+    "train.lora.rank": (1, None, True),
+    "train.lora.alpha": (0, None, False),
+    "train.lora.dropout": (0, 1, True),
+    "train.pivotal.tokens": (1, None, True),
+    "train.pivotal.ti_fraction": (0, 1, True),
+    "train.pivotal.lr": (0, None, False),
+    "train.save_every": (1, None, True),
+    "train.keep_checkpoints": (1, None, True),
+    "train.sample_every": (1, None, True),
+    "sample.steps": (1, None, True),
+    "sample.guidance": (0, None, True),
+    "metrics.num_per_prompt": (1, None, True),
+}
+_MULTIPLE_OF_8 = ("base.resolution", "data.resolution")
+_NON_EMPTY_LISTS = ("sample.seeds", "sample.prompts")
+_NON_NEGATIVE_INT_LISTS = ("sample.seeds",)
+
+_YAML11_EXP_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list", dict: "a mapping"}
+
+
+class ConfigError(ValueError):
+    """A params problem, found before any work starts; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal data always gives equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot hash a {type(obj).__name__}: {obj!r}")
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 hex digest of :func:`canonical_json` of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def params_hash(params: dict) -> str:
+    """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`."""
+    return stable_hash({k: v for k, v in params.items() if k not in HASH_EXCLUDE})
+
+
+# ----------------------------------------------------------------------------- dotted keys
+
+
+def _walk(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf; free-form and ablation.vary values are leaves."""
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in _FREE_KEYS and key != _VARY_KEY:
+            yield from _walk(v, key + ".")
+        else:
+            yield key, v
+
+
+def _get(d: dict, dotted: str) -> Any:
+    cur: Any = d
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = cur[part] = {}
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    """Dotted overrides → nested dict. ``ablation.vary.<dotted>`` keys go into vary whole."""
+    out: dict = {}
+    for key, value in flat.items():
+        if key.startswith(_VARY_KEY + "."):
+            out.setdefault("ablation", {}).setdefault("vary", {})[key[len(_VARY_KEY) + 1:]] = value
+        else:
+            _set(out, key, value)
+    return out
+
+
+def diff(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (value in a, value in b) for every leaf that differs; missing is None."""
+    fa, fb = dict(_walk(a)), dict(_walk(b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)}
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+_schema_cache: dict | None = None
+
+
+def _schema() -> dict:
+    """base.yaml's parsed defaults (read once)."""
+    global _schema_cache
+    if _schema_cache is None:
+        _schema_cache = _read_yaml(BASE_PATH)
+    return _schema_cache
+
+
+def _leaf_keys() -> list[str]:
+    return [k for k, _ in _walk(_schema())]
+
+
+def _show(path: Path | str) -> str:
+    """A path as the user would type it: relative to the cwd when it is under it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _suggest(key: str) -> str:
+    """' — did you mean …?' for the nearest valid key, or the valid keys of that section."""
+    section, _, last = key.rpartition(".")
+    try:
+        sub = _get(_schema(), section) if section else _schema()
+    except KeyError:
+        sub = None
+    if sub is not None and not isinstance(sub, dict):
+        return f" — '{section}' is a value, not a section with keys"
+    if sub is not None:
+        # right section, misspelt name; stricter at the top, where a stray nested key is likelier
+        near = difflib.get_close_matches(last, list(sub), n=1, cutoff=0.6 if section else 0.8)
+        if near:
+            return f" — did you mean '{f'{section}.' if section else ''}{near[0]}'?"
+    # misspelt section, or a key put in the wrong one; never suggest the key's own ancestors
+    keys = [k for k in _leaf_keys() + [k for k, _ in _walk_sections(_schema())] if not key.startswith(k + ".")]
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if not near:
+        lasts = sorted({k.rsplit(".", 1)[-1] for k in keys})
+        best = difflib.get_close_matches(last, lasts, n=1, cutoff=0.8)
+        near = [k for k in keys if best and k.rsplit(".", 1)[-1] == best[0]]
+    if near:
+        return f" — did you mean {' or '.join(repr(k) for k in near)}?"
+    if sub is None:
+        sub, section = _schema(), ""
+    where = f"under '{section}'" if section else "at the top level"
+    return f" — valid keys {where}: {', '.join(sub)}"
+
+
+def _walk_sections(d: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in _FREE_KEYS and key != _VARY_KEY:
+            yield key, v
+            yield from _walk_sections(v, key + ".")
+
+
+def _default_of(dotted: str) -> Any:
+    return _get(_schema(), dotted)
+
+
+def is_valid_key(dotted: str) -> bool:
+    """True for any key of base.yaml (a leaf or a section)."""
+    try:
+        _default_of(dotted)
+    except KeyError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(src: str, key: str, value: Any) -> Any:
+    """Type, enum and range check of one leaf against base.yaml; returns the normalised value.
+
+    Normalising ints to floats where base has a float keeps the hash independent of
+    whether someone wrote ``lr: 1`` or ``lr: 1.0``.
+    """
+    default = _default_of(key)
+    want = type(default)
+    if isinstance(default, dict):
+        raise ConfigError(f"{src}: '{key}' is a section, not a value: set its keys, "
+                          f"e.g. '{key}.{next(iter(default), 'x')}'")
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is float and isinstance(value, str) and _YAML11_EXP_RE.fullmatch(value.strip()):
+        value = float(value)  # PyYAML follows YAML 1.1, which reads `lr: 1e-4` as text
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        hint = ""
+        if want is str and isinstance(value, bool):
+            hint = "; YAML reads a bare yes/no/on/off as a boolean, so quote the word (e.g. \"no\")"
+        elif want is str:
+            hint = f"; quote it: \"{value}\""
+        raise ConfigError(f"{src}: '{key}' must be {_TYPE_WORDS[want]}, got {_describe(value)}{hint} "
+                          f"(default: {default!r})")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{src}: '{key}' must be a finite number, got {value!r}")
+    if want is list:
+        value = _check_list(src, key, default, value)
+    if key in ENUMS and value not in ENUMS[key]:
+        raise ConfigError(f"{src}: '{key}' is {value!r}; allowed values: {', '.join(ENUMS[key])}")
+    if key in _RANGES:
+        _check_range(src, key, value)
+    if key in _MULTIPLE_OF_8 and value % 8:
+        lo = value // 8 * 8
+        use = f"{lo} or {lo + 8}" if lo else "8"
+        raise ConfigError(f"{src}: '{key}': resolution {value} is not a multiple of 8: use {use}")
+    if key == "data.instance_images":
+        _check_instance_syntax(src, value)
+    return value
+
+
+def _check_list(src: str, key: str, default: list, value: list) -> list:
+    elem = type(default[0]) if default else str
+    out = []
+    for i, item in enumerate(value):
+        if elem is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        if not isinstance(item, elem) or (elem is int and isinstance(item, bool)):
+            raise ConfigError(f"{src}: '{key}[{i}]' must be {_TYPE_WORDS[elem]}, got {_describe(item)} "
+                              f"(default list: {default!r})")
+        out.append(item)
+    if key in _NON_EMPTY_LISTS and not out:
+        raise ConfigError(f"{src}: '{key}' must not be empty (default: {default!r})")
+    if key in _NON_NEGATIVE_INT_LISTS and any(x < 0 for x in out):
+        raise ConfigError(f"{src}: '{key}' must hold seeds ≥ 0, got {out!r}")
+    return out
+
+
+def _check_range(src: str, key: str, value: float) -> None:
+    lo, hi, lo_inclusive = _RANGES[key]
+    bad = (lo is not None and (value < lo if lo_inclusive else value <= lo)) or (hi is not None and value > hi)
+    if not bad:
+        return
+    if lo is not None and hi is not None:
+        rule = f"between {lo} and {hi}"
+    elif lo_inclusive:
+        rule = f"≥ {lo}"
+    else:
+        rule = f"> {lo}"
+    raise ConfigError(f"{src}: '{key}' must be {rule}, got {value!r}")
+
+
+_TOYWORLD_RE = re.compile(r"toyworld:([a-z_]+)")
+
+
+def _toyworld_subjects() -> dict | None:
+    """The subject registry, when the toy world ships one (import is lazy: it pulls numpy/PIL)."""
+    try:
+        from .toyworld.subjects import SUBJECTS
+    except ImportError:
+        return None
+    return SUBJECTS
+
+
+def _check_instance_syntax(src: str, value: str) -> None:
+    if not value:
+        raise ConfigError(f"{src}: 'data.instance_images' is empty: give a folder of subject photos "
+                          "or toyworld:<subject>")
+    if value.startswith("toyworld:"):
+        m = _TOYWORLD_RE.fullmatch(value)
+        subjects = _toyworld_subjects()
+        known = f"; known subjects: {', '.join(subjects)}" if subjects else ""
+        if not m:
+            raise ConfigError(f"{src}: 'data.instance_images' {value!r} is not toyworld:<name> with a "
+                              f"lowercase name{known}")
+        if subjects is not None and m.group(1) not in subjects:
+            raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject "
+                              f"{m.group(1)!r}{known}")
+
+
+def _check_tree(src: str, raw: Any, *, top: bool) -> dict:
+    """Validate one source (a file or the command line) key by key; returns it normalised."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: params must be a mapping of keys to values, got {type(raw).__name__}")
+    out: dict = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{src}: key {key!r} must be a string")
+        if key == "extends":
+            if not top:
+                raise ConfigError(f"{src}: 'extends' can only be set at the top of a params file")
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{src}: 'extends' must be a path to another params file, got {value!r}")
+            out[key] = value
+            continue
+        out[key] = _check_node(src, key, value)
+    return out
+
+
+def _check_node(src: str, key: str, value: Any) -> Any:
+    if not is_valid_key(key):
+        raise ConfigError(f"{src}: unknown key '{key}'{_suggest(key)}")
+    if key in _FREE_KEYS:
+        return value
+    if key == _VARY_KEY:
+        return _check_vary(src, value)
+    default = _default_of(key)
+    if isinstance(default, dict):
+        if value is None:  # `train:` with every line under it commented out
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: '{key}' must be a mapping of its keys ({', '.join(default)}), "
+                              f"got {_describe(value)}")
+        return {k: _check_node(src, f"{key}.{k}", v) for k, v in value.items()}
+    return _check_value(src, key, value)
+
+
+def _check_vary(src: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: '{_VARY_KEY}' must map dotted keys to lists of values, "
+                          f"e.g. {{train.lora.rank: [4, 8, 32]}}; got {_describe(value)}")
+    out = {}
+    for key, values in value.items():
+        where = f"{_VARY_KEY}: {key}"
+        if not isinstance(key, str) or not is_valid_key(key):
+            raise ConfigError(f"{src}: '{where}' is not a param: unknown key '{key}'{_suggest(str(key))}")
+        if key.split(".")[0] in ("ablation", "experiment", "notes") or isinstance(_default_of(key), dict):
+            raise ConfigError(f"{src}: '{where}': only a single param can be varied, not '{key}'")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{src}: '{where}' must be a non-empty list of values, got {_describe(values)}")
+        out[key] = [_check_value(f"{src} ({_VARY_KEY})", key, v) for v in values]
+    return out
+
+
+def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_files: bool) -> None:
+    """Checks across keys, and checks against the disk, on the merged params."""
+    def src(key: str) -> str:
+        return origin.get(key, exp_src)
+
+    t = params["train"]
+    if not (t["unet"] or t["text_encoder"] or t["pivotal"]["enabled"]):
+        raise ConfigError(f"{exp_src}: nothing to train: set train.unet, train.text_encoder or "
+                          "train.pivotal.enabled to true")
+    if t["method"] in ("lora", "dora"):
+        if t["unet"] and not t["lora"]["unet_targets"]:
+            raise ConfigError(f"{src('train.lora.unet_targets')}: 'train.lora.unet_targets' is empty "
+                              "while train.unet is true: list the UNet modules to adapt")
+        if t["text_encoder"] and not t["lora"]["text_targets"]:
+            raise ConfigError(f"{src('train.lora.text_targets')}: 'train.lora.text_targets' is empty "
+                              "while train.text_encoder is true: list the text-encoder modules to adapt")
+    name = params["experiment"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{src('experiment')}: experiment name {name!r} must be usable as a folder name "
+                          "(letters, digits, '.', '_', '-')")
+    if params["metrics"]["backend"] == "clip" and not params["metrics"]["clip_model"]:
+        raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
+                          "empty: point it at a local CLIP folder")
+    if not check_files:
+        return
+    inst = params["data"]["instance_images"]
+    if not inst.startswith("toyworld:"):
+        _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
+    if params["data"]["class_images"]:
+        _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
+    _check_model(src("base.model"), params["base"]["model"])
+    for key in ("clip_model", "dino_model"):
+        folder = params["metrics"][key]
+        if params["metrics"]["backend"] == "clip" and folder and not Path(folder).is_dir():
+            raise ConfigError(f"{src('metrics.' + key)}: 'metrics.{key}' folder {folder!r} does not exist "
+                              f"(relative to {Path.cwd()}): download the model elsewhere and point "
+                              f"metrics.{key} at the local folder")
+
+
+def _check_image_folder(src: str, key: str, folder: str) -> None:
+    p = Path(folder)
+    what = "subject photos" if key == "data.instance_images" else "class images"
+    fix = f"put your {what} in {folder} or point {key} at them"
+    if not p.is_dir():
+        raise ConfigError(f"{src}: '{key}' folder {folder!r} does not exist (relative to {Path.cwd()}): {fix}")
+    if not any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.iterdir()):
+        raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images "
+                          f"({' '.join(IMAGE_SUFFIXES)}): {fix}")
+
+
+def _check_model(src: str, model: str) -> None:
+    if model == "toyworld" or Path(model).is_dir():
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "model_index.json")
+        except (ImportError, ValueError, OSError):  # no hub library, or an id it rejects: not cached
+            cached = None
+        if isinstance(cached, str):
+            return
+        raise ConfigError(f"{src}: 'base.model' {model!r} is neither a local folder nor in the Hugging Face "
+                          "cache, and this machine cannot download weights: download the model elsewhere "
+                          "(e.g. `huggingface-cli download <id> --local-dir <folder>`), copy it here and "
+                          "point base.model at that folder")
+    raise ConfigError(f"{src}: 'base.model' folder {model!r} does not exist (relative to {Path.cwd()}): "
+                      "use \"toyworld\", a local diffusers folder, or a cached hub id")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{_show(path)}: params file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{_show(path)}: cannot read params file: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{_show(path)}:{line}: invalid YAML ({problem}): fix the syntax there") from None
+    return {} if data is None else data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lora.rank=32"`` → ``("train.lora.rank", 32)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"command line: override {text!r} is not key=value: write e.g. train.lora.rank=32")
+    raw = raw.strip()
+    if not raw:
+        return key, ""
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: override {text!r}: the value is not valid YAML ({e}); "
+                          "quote strings that contain ':' or '#'") from None
+
+
+def _parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    flat: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        # `-p captions.identifier=123` or `-p train.mixed_precision=no` means the string the user typed
+        if not isinstance(value, str) and is_valid_key(key) and isinstance(_default_of(key), str):
+            value = text.partition("=")[2].strip()
+        flat[key] = value
+    return flat
+
+
+def _merge(into: dict, over: dict, prefix: str = "") -> None:
+    """Deep merge in place: dicts merge, lists and scalars (and ablation.vary) replace."""
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and key != _VARY_KEY:
+            _merge(into[k], v, key + ".")
+        else:
+            into[k] = copy.deepcopy(v)
+
+
+def _record_origin(origin: dict[str, str], tree: dict, src: str) -> None:
+    for key, _ in _walk(tree):
+        origin[key] = src
+    # ablation.vary arrives whole; record it under its own key too
+    if isinstance(tree.get("ablation"), dict) and "vary" in tree["ablation"]:
+        origin[_VARY_KEY] = src
+
+
+def _chain(path: Path) -> list[tuple[Path, dict]]:
+    """(file, validated raw params) from the root of the chain to ``path``."""
+    seen: list[Path] = []
+    out: list[tuple[Path, dict]] = []
+    cur = path.resolve()
+    while True:
+        if cur in seen:
+            loop = " → ".join(_show(p) for p in [*seen[seen.index(cur):], cur])
+            raise ConfigError(f"{_show(seen[-1])}: extends cycle {loop}: one of these files must extend "
+                              "another (ultimately params/base.yaml)")
+        seen.append(cur)
+        raw = _check_tree(_show(cur), _read_yaml(cur), top=True)
+        out.append((cur, raw))
+        parent = raw.get("extends")
+        if parent is None:
+            break
+        nxt = (cur.parent / parent).resolve()
+        if not nxt.is_file():
+            raise ConfigError(f"{_show(cur)}: 'extends: {parent}' not found (looked for {_show(nxt)}); "
+                              "the path is relative to the file that says it")
+        cur = nxt
+    out.reverse()
+    if out[0][0] != BASE_PATH.resolve():
+        # base.yaml holds every default, so it always sits under a chain, said or not
+        out.insert(0, (BASE_PATH.resolve(), _check_tree(_show(BASE_PATH), _read_yaml(BASE_PATH), top=True)))
+    return out
+
+
+def _resolve(chain: list[tuple[Path, dict]], flat: dict[str, Any], check_files: bool, *,
+             top: Path, override_src: str = "command line") -> tuple[dict, str]:
+    """Merge a chain plus overrides into validated params; returns (params, name)."""
+    base_path, base_raw = chain[0]
+    params: dict = copy.deepcopy(base_raw)
+    origin: dict[str, str] = {}
+    _record_origin(origin, base_raw, _show(base_path))
+    last = len(chain) - 1
+    for i, (path, raw) in enumerate(chain[1:], start=1):
+        tree = {k: v for k, v in raw.items() if k != "extends" and (i == last or k not in _NOT_INHERITED)}
+        _merge(params, tree)
+        _record_origin(origin, tree, _show(path))
+    params.pop("extends", None)
+    if flat:
+        tree = _check_tree(override_src, _nest(flat), top=False)
+        _merge(params, tree)
+        _record_origin(origin, tree, override_src)
+    name = params.get("experiment") or top.stem
+    params["experiment"] = name
+    _check_resolved(_show(top), params, origin, check_files)
+    return params, name
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A resolved, validated experiment: what one params file (plus overrides) asks for."""
+
+    name: str
+    path: Path
+    params: dict
+    chain: tuple[Path, ...]
+    hash: str
+    _parent: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    _check_files: bool = dataclasses.field(default=True, repr=False, compare=False)
+
+    def get(self, dotted: str) -> Any:
+        """``exp.get("train.lora.rank")``; KeyError (with a suggestion) for an unknown key."""
+        try:
+            return _get(self.params, dotted)
+        except KeyError:
+            raise KeyError(f"unknown key '{dotted}'{_suggest(dotted)}") from None
+
+    def with_overrides(self, overrides: dict[str, Any], name: str | None = None) -> Experiment:
+        """A validated copy with dotted overrides applied (an ablation variant); ``name`` renames it."""
+        flat = dict(overrides)
+        flat["experiment"] = name or self.name
+        params, new_name = _resolve([(self.path, self.params)], flat, self._check_files,
+                                    top=self.path, override_src=f"{_show(self.path)} (overrides)")
+        return dataclasses.replace(self, name=new_name, params=params, hash=params_hash(params))
+
+    def parent_params(self) -> dict | None:
+        """Resolved params of the file this one extends (a deep copy), or None for base.yaml itself."""
+        return copy.deepcopy(self._parent)
+
+
+def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_files: bool = True) -> Experiment:
+    """Resolve and validate a params file plus overrides (``["train.lora.rank=32"]`` or a dict).
+
+    Raises :class:`ConfigError` for any problem; ``check_files=False`` skips the checks
+    that look at the disk (image folders, model folders, the hub cache).
+    """
+    path = Path(path)
+    chain = _chain(path)
+    params, name = _resolve(chain, _parse_overrides(overrides), check_files, top=path)
+    parent = None
+    if len(chain) > 1:
+        # only for diffing: files the child overrides away need not exist
+        parent, _ = _resolve(chain[:-1], {}, check_files=False, top=chain[-2][0])
+    return Experiment(name=name, path=path, params=params, chain=tuple(p for p, _ in chain),
+                      hash=params_hash(params), _parent=parent, _check_files=check_files)

@@ -1,0 +1,130 @@
+"""Instance and class image sets: find, validate, crop, bucket, and record them in a manifest.
+
+The same path serves a user's photo folder and the toy world's subjects (which are first
+written to `data/toyworld/<name>/` as an ordinary folder). Every image is opened and
+checked up front, so a broken file stops the run in the data notebook with its name,
+not in the middle of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TOYWORLD_DATA = Path("data/toyworld")
+
+
+class DataError(ValueError):
+    """A problem with the user's images; the message names the file and what to do."""
+
+
+def resolve_folder(spec: str) -> Path:
+    """A folder path, or `toyworld:<subject>`, which is written once to data/toyworld/<subject>/."""
+    if spec.startswith("toyworld:"):
+        from .toyworld import subjects
+
+        name = spec.split(":", 1)[1]
+        folder = TOYWORLD_DATA / name
+        if not (folder / "metadata.jsonl").exists():
+            subjects.write_folder(subjects.get(name), folder)
+        return folder
+    return Path(spec)
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; put your subject photos there or point "
+                        "data.instance_images at the folder that holds them")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found; add some")
+    return files
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) in RGB; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+
+
+def read_metadata(folder: Path) -> dict[str, dict]:
+    """metadata.jsonl (one JSON object with `file_name` per line, as in HF imagefolder)."""
+    path = folder / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[rec["file_name"]] = rec
+        except (json.JSONDecodeError, KeyError) as e:
+            raise DataError(f"{path}:{n}: each line must be a JSON object with a file_name ({e})") from e
+    return out
+
+
+def build_manifest(folder: Path, *, min_size: int = 8, max_images: int = 0) -> list[dict]:
+    """One record per image: file, size, content hash, sidecar caption and metadata record."""
+    meta = read_metadata(folder)
+    files = list_images(folder)
+    if max_images:
+        files = files[:max_images]
+    out = []
+    for f in files:
+        im = open_rgb(f)
+        if min(im.size) < min_size:
+            raise DataError(f"{f}: {im.size[0]}×{im.size[1]} is too small to train on; use ≥ {min_size}px")
+        sidecar = f.with_suffix(".txt")
+        out.append({
+            "file": str(f),
+            "width": im.size[0],
+            "height": im.size[1],
+            "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+            "sidecar_caption": sidecar.read_text().strip() if sidecar.exists() else None,
+            "record": meta.get(f.name),
+        })
+    return out
+
+
+def crop_resize(im: Image.Image, resolution: int, *, center: bool = True,
+                rng: np.random.Generator | None = None) -> Image.Image:
+    """Scale the short side to `resolution`, then crop a square (centre or random)."""
+    w, h = im.size
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    if center or rng is None:
+        x, y = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        x, y = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    return im.crop((x, y, x + resolution, y + resolution))
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB image → float tensor in [-1, 1], channels first (what the VAE expects)."""
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def bucket_for(width: int, height: int, resolution: int, step: int = 64) -> tuple[int, int]:
+    """Aspect-ratio bucket: the (w, h), multiples of `step`, with area ≈ resolution² whose
+    ratio is nearest the image's (the notes sort images by height/width ratio)."""
+    step = min(step, resolution)
+    area, ratio = resolution * resolution, height / width
+    best, best_err = (resolution, resolution), float("inf")
+    for w in range(step, 2 * resolution + 1, step):
+        h = max(step, round(area / w / step) * step)
+        err = abs(np.log((h / w) / ratio))
+        if err < best_err:
+            best, best_err = (w, h), err
+    return best

@@ -1,0 +1,291 @@
+"""Drawing and summarising helpers that the report notebooks call.
+
+The notebooks run headless under papermill and are rendered to static HTML without their
+code (see :mod:`dbkit.runner`), so everything here produces plain outputs that survive that
+trip: PIL images and matplotlib figures are displayed as embedded PNGs, tables as Markdown.
+
+- :func:`image_grid` lays samples out as in the research notes: one row per model or
+  variant (label on the left), one column per seed or prompt (labels on top).
+- :func:`plot_curves` draws a training log (JSONL) as smoothed + raw loss with the LR.
+- :func:`markdown_table` and :func:`params_diff_markdown` format tables.
+- :func:`write_summary` writes ``reports/<experiment>/summary.json``, which
+  :func:`dbkit.runner.build_index` turns into the cross-experiment index.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 4                      # pixels between cells and around labels in image_grid
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _font(scale: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled font (never a download); sized with the grid when FreeType is there."""
+    try:
+        return ImageFont.load_default(size=max(10, 5 * scale + 2))
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    if not text:
+        return 0, 0
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
+    return math.ceil(right - min(left, 0)), math.ceil(bottom - min(top, 0))
+
+
+def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str], *, scale: int = 2,
+               title: str = "") -> Image.Image:
+    """One row per model/variant (label left), one column per seed/prompt (labels on top).
+
+    Images are upscaled by ``scale`` with nearest-neighbour so 64×64 samples stay crisp;
+    cells are sized to the largest image and a missing image leaves its cell blank.
+    Without labels or a title the size is exactly
+    ``(ncols·(w·scale + PAD) + PAD, nrows·(h·scale + PAD) + PAD)``; labels add a left
+    column and a top band sized to the text.
+    """
+    if scale < 1:
+        raise ValueError(f"scale must be ≥ 1, got {scale}")
+    images = [im for _, ims in rows for im in ims]
+    cell_w = max((im.width for im in images), default=0) * scale
+    cell_h = max((im.height for im in images), default=0) * scale
+    ncols = max([len(col_labels), *(len(ims) for _, ims in rows)], default=0)
+
+    font = _font(scale)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max((_text_size(probe, label, font)[0] for label, _ in rows), default=0)
+    label_w = label_w + 2 * PAD if label_w else 0
+    header_h = max((_text_size(probe, c, font)[1] for c in col_labels), default=0)
+    header_h = header_h + 2 * PAD if header_h else 0
+    title_h = _text_size(probe, title, font)[1]
+    title_h = title_h + 2 * PAD if title_h else 0
+
+    width = label_w + ncols * (cell_w + PAD) + PAD
+    height = title_h + header_h + len(rows) * (cell_h + PAD) + PAD
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((PAD, PAD), title, fill=TEXT, font=font)
+    x0, y0 = label_w + PAD, title_h + header_h + PAD
+    for j, label in enumerate(col_labels):
+        tw, _ = _text_size(draw, label, font)
+        # centred over its column; a label wider than the cell starts at the cell's left edge
+        x = x0 + j * (cell_w + PAD) + max(0, (cell_w - tw) // 2)
+        draw.text((x, title_h + PAD), label, fill=TEXT, font=font)
+    for i, (label, ims) in enumerate(rows):
+        y = y0 + i * (cell_h + PAD)
+        _, th = _text_size(draw, label, font)
+        draw.text((PAD, y + max(0, (cell_h - th) // 2)), label, fill=TEXT, font=font)
+        for j, im in enumerate(ims):
+            big = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+            canvas.paste(big, (x0 + j * (cell_w + PAD), y))
+    return canvas
+
+
+def _png_bytes(obj: Any) -> bytes | None:
+    """PNG of a PIL image or matplotlib figure; None for anything else."""
+    buf = io.BytesIO()
+    if isinstance(obj, Image.Image):
+        obj.save(buf, format="PNG")
+        return buf.getvalue()
+    if hasattr(obj, "savefig"):  # a matplotlib Figure, without importing matplotlib here
+        obj.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+    return None
+
+
+def show(img_or_fig: Any) -> None:
+    """Display a PIL image or matplotlib figure in the notebook as an embedded PNG.
+
+    Figures are closed after display: the inline backend would otherwise draw every open
+    figure a second time at the end of the cell.
+    """
+    from IPython.display import Image as IPImage
+    from IPython.display import display
+
+    png = _png_bytes(img_or_fig)
+    if png is None:
+        display(img_or_fig)
+        return
+    display(IPImage(data=png, format="png"))
+    if hasattr(img_or_fig, "savefig"):
+        import matplotlib.pyplot as plt
+
+        plt.close(img_or_fig)
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL log; a torn last line (a run still writing) is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def smooth(values: Sequence[float], weight: float | None = None) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard-style).
+
+    The default weight follows the length so that a 50-step log and a 5000-step log are
+    both readable: about 1/20 of the points contribute to each smoothed value.
+    """
+    if weight is None:
+        weight = 1.0 - 1.0 / max(1.0, len(values) / 20)
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm if norm else v)
+    return out
+
+
+def plot_curves(log_path: Path, keys: Sequence[str] = ("loss",)) -> Any:
+    """Loss curves from a JSONL log of ``{"step": …, "loss": …, "lr": …}`` lines.
+
+    Each key is drawn raw (faint) and smoothed; the learning rate, when logged, goes on a
+    twin axis. Returns the matplotlib Figure (pass it to :func:`show`).
+    """
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_jsonl(Path(log_path)) if isinstance(r.get("step"), (int, float))]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if not pts:
+            continue
+        steps, vals = zip(*pts)
+        color = colors[i % len(colors)]
+        ax.plot(steps, vals, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(vals), color=color, linewidth=1.8, label=f"{key} (smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(", ".join(keys))
+    ax.grid(alpha=0.3)
+    lr = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float))]
+    handles, labels = ax.get_legend_handles_labels()
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr), color="0.4", linestyle="--", linewidth=1.0, label="lr")
+        ax2.set_ylabel("lr")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="upper right", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, f"no {', '.join(keys)} in {Path(log_path).name}", ha="center", va="center",
+                transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    # a raw '|' or newline would break the row
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:
+    """A GitHub-style Markdown table; columns default to every key in order of appearance.
+
+    Floats use ``floatfmt``; None and missing keys are empty cells. No trailing newline.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(_cell(c, floatfmt) for c in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c), floatfmt) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "—"
+    # JSON shows strings quoted, so an empty string or "no" reads unambiguously
+    return "`" + json.dumps(v, ensure_ascii=False).replace("|", "\\|") + "`"
+
+
+def params_diff_markdown(diff: Mapping[str, tuple]) -> str:
+    """``config.diff(parent, params)`` (key → (parent value, this value)) as a Markdown table."""
+    if not diff:
+        return "_No differences from the parent._"
+    lines = ["| param | parent | this run |", "| --- | --- | --- |"]
+    for key, pair in diff.items():
+        parent, this = (tuple(pair) + (None, None))[:2]
+        lines.append(f"| `{key}` | {_value(parent)} | {_value(this)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def reports_dir(exp_name: str, root: Path | None = None) -> Path:
+    """``<root>/<experiment>/`` (created); ``root`` defaults to ``$DBKIT_REPORTS``, else ``reports``.
+
+    ``dbkit run --reports X`` sets ``$DBKIT_REPORTS`` for the notebooks' kernel, so a notebook
+    calling ``reports_dir(exp.name)`` writes where the runner publishes.
+    """
+    if root is None:
+        root = Path(os.environ.get("DBKIT_REPORTS") or "reports")
+    d = Path(root) / exp_name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_summary(report_dir: Path, summary: dict) -> Path:
+    """Write ``<report_dir>/summary.json`` atomically for :func:`dbkit.runner.build_index`.
+
+    Expected keys: ``experiment``, ``hypothesis``, ``metrics`` (name → number), optional
+    ``rank_by`` (a metric name; the index sorts on it, descending), ``hash`` and ``date``
+    (today's UTC timestamp is filled in when missing).
+    """
+    from . import runs
+
+    metrics = summary.get("metrics", {})
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"summary['metrics'] must map names to numbers, got {type(metrics).__name__}")
+    bad = {k: v for k, v in metrics.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool)}
+    if bad:
+        raise ValueError(f"summary['metrics'] values must be numbers; not numbers: {bad!r}")
+    rank_by = summary.get("rank_by")
+    if rank_by is not None and rank_by not in metrics:
+        raise ValueError(f"summary['rank_by'] is {rank_by!r}, which is not one of the metrics: {list(metrics)}")
+    out = dict(summary)
+    out.setdefault("date", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    path = Path(report_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_json(path, out)
+    return path

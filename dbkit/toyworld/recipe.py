@@ -1,0 +1,294 @@
+"""The toy base model's architecture and its pretraining recipe (`dbkit pretrain-toyworld`).
+
+The model is a Stable Diffusion 1.x pipeline in miniature: AutoencoderKL (64×64 RGB →
+16×16×4 latents), UNet2DConditionModel with cross-attention, a 2-layer CLIPTextModel and
+the toy CLIP tokenizer, saved in diffusers format. Pretraining has two phases:
+
+1. the VAE on random 32×32 crops (it is fully convolutional, and crops are 4× cheaper);
+2. the UNet and text encoder together on cached latents of rendered scenes, with captions
+   drawn in every form users write (sentence, tags, partial sentence, empty for CFG),
+   and an EMA of the UNet, which is what ships.
+
+Everything is seeded; the recipe dict is written into the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import scenes
+from .tokenizer import MAX_LENGTH, build_vocab, save_tokenizer
+
+RECIPE: dict = {
+    "seed": 0,
+    "vae_steps": 1000,
+    "vae_batch": 32,
+    "vae_lr": 1e-3,
+    "vae_kl_weight": 1e-6,
+    "n_scenes": 24000,
+    "unet_steps": 5000,
+    "unet_batch": 64,
+    "unet_lr": 5e-4,
+    "warmup": 200,
+    "ema_decay": 0.999,
+    "caption_forms": {"sentence": 0.4, "tags": 0.25, "partial": 0.25, "empty": 0.1},
+    "noise_offset": 0.05,
+}
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=scenes.SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=scenes.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def text_config(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def scheduler_config() -> dict:
+    # The DDPM paper's linear schedule: at 16×16 latents SD's scaled_linear schedule leaves
+    # too much signal at t=T, which greys out white and black backgrounds at sampling time.
+    return dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon", clip_sample=False, steps_offset=1, set_alpha_to_one=False)
+
+
+def new_components(seed: int = 0) -> dict:
+    """Randomly initialised components of the toy architecture (also used by tests)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vocab, _ = build_vocab()
+    return {
+        "vae": AutoencoderKL(**vae_config()),
+        "unet": UNet2DConditionModel(**unet_config()),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config(len(vocab)))),
+        "scheduler": DDIMScheduler(**scheduler_config()),
+    }
+
+
+def save_pipeline(components: dict, path: Path) -> None:
+    """Save as a diffusers StableDiffusionPipeline folder (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = path / "tokenizer"
+    save_tokenizer(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], unet=components["unet"], text_encoder=components["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), scheduler=components["scheduler"],
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def training_caption(scene: scenes.Scene, rng: random.Random, forms: dict[str, float]) -> str:
+    """One caption of a scene in a randomly chosen form, so the base understands all of them."""
+    form = rng.choices(list(forms), weights=list(forms.values()))[0]
+    if form == "sentence":
+        return scenes.caption_sentence(scene)
+    if form == "tags":
+        tags = scenes.caption_tags(scene)
+        if rng.random() < 0.5:
+            rng.shuffle(tags)
+        return ", ".join(tags)
+    if form == "partial":
+        return partial_caption(scene, rng)
+    return ""
+
+
+def partial_caption(scene: scenes.Scene, rng: random.Random) -> str:
+    """A sentence that names the shape and a random subset of the other attributes."""
+    o = scene.main
+    words = [w for w in (o.size, o.colour, o.pattern) if rng.random() < 0.5]
+    text = "a " + " ".join(words + [o.shape])
+    if rng.random() < 0.5:
+        text += f" on a {scene.background} background"
+    if rng.random() < 0.5:
+        text += ", " + scenes.POSITION_PHRASES[o.position]
+    return text
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def train_vae(vae, recipe: dict, log) -> None:
+    rng = random.Random(recipe["seed"])
+    stream = scenes.scenes(recipe["seed"], held_out=None)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe["vae_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, recipe["vae_steps"]))
+    vae.train()
+    for step in range(recipe["vae_steps"]):
+        batch = []
+        for _ in range(recipe["vae_batch"]):
+            x = _to_tensor(scenes.render(next(stream)))
+            i, j = rng.randrange(0, 33, 4), rng.randrange(0, 33, 4)
+            batch.append(x[:, i : i + 32, j : j + 32])
+        x = torch.stack(batch)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + recipe["vae_kl_weight"] * dist.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe["vae_steps"] - 1:
+            log({"phase": "vae", "step": step, "loss": float(loss)})
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae, recipe: dict) -> tuple[torch.Tensor, list[scenes.Scene]]:
+    stream = scenes.scenes(recipe["seed"] + 1, held_out=False)
+    all_scenes = [next(stream) for _ in range(recipe["n_scenes"])]
+    latents = []
+    for k in range(0, len(all_scenes), 256):
+        x = torch.stack([_to_tensor(scenes.render(s)) for s in all_scenes[k : k + 256]])
+        latents.append(vae.encode(x).latent_dist.mean)
+    return torch.cat(latents), all_scenes
+
+
+def train_unet(components: dict, tokenizer, latents: torch.Tensor, all_scenes: list, recipe: dict,
+               log, checkpoint=None) -> torch.nn.Module:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    noise_sched = DDPMScheduler(**scheduler_config())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe["unet_lr"], weight_decay=1e-2)
+    total = recipe["unet_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["warmup"], total))
+    ema = EMAModel(unet.parameters(), decay=recipe["ema_decay"], use_ema_warmup=True)
+    rng = random.Random(recipe["seed"] + 2)
+    gen = torch.Generator().manual_seed(recipe["seed"] + 3)
+    unet.train()
+    text_encoder.train()
+    t0 = time.time()
+    for step in range(total):
+        idx = torch.randint(0, len(all_scenes), (recipe["unet_batch"],), generator=gen)
+        x0 = latents[idx]
+        caps = [training_caption(all_scenes[i], rng, recipe["caption_forms"]) for i in idx.tolist()]
+        ids = tokenizer(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        noise += recipe["noise_offset"] * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        if step % 50 == 0 or step == total - 1:
+            log({"phase": "unet", "step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
+                 "elapsed_s": round(time.time() - t0, 1)})
+        if checkpoint and (step + 1) % 500 == 0 and step + 1 < total:
+            checkpoint(step + 1, ema)
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    text_encoder.eval()
+    return unet
+
+
+def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
+    """Run the whole recipe and save the pipeline to `out`. Returns the recipe with timings."""
+    from transformers import CLIPTokenizer
+
+    recipe = {**RECIPE, **(recipe or {})}
+    torch.manual_seed(recipe["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    comps = new_components(recipe["seed"])
+    t0 = time.time()
+    train_vae(comps["vae"], recipe, log)
+    t_vae = time.time() - t0
+    latents, all_scenes = encode_scenes(comps["vae"], recipe)
+    scale = float(1.0 / latents.std())
+    comps["vae"].register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log({"phase": "latents", "n": len(all_scenes), "scaling_factor": scale})
+    tok_dir = out / "tokenizer"
+    save_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    def checkpoint(step: int, ema) -> None:
+        import copy
+
+        snap = dict(comps)
+        snap["unet"] = copy.deepcopy(comps["unet"])
+        ema.copy_to(snap["unet"].parameters())
+        save_pipeline(snap, out.parent / f"{out.name}-step{step}")
+        log({"phase": "checkpoint", "step": step})
+
+    t1 = time.time()
+    train_unet(comps, tokenizer, latents, all_scenes, recipe, log, checkpoint)
+    t_unet = time.time() - t1
+    save_pipeline(comps, out)
+    info = {**recipe, "vae_seconds": round(t_vae), "unet_seconds": round(t_unet),
+            "torch_threads": torch.get_num_threads()}
+    (out / "recipe.json").write_text(json.dumps(info, indent=2))
+    return info

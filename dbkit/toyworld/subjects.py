@@ -1,0 +1,115 @@
+"""The toy world's DreamBooth subjects: specific objects the base model cannot draw from words.
+
+Each subject is an instance of a known class (a star, a circle …) painted in two tones the
+vocabulary has no words for, split along a fixed direction, with a small marking. Like the
+DreamBooth paper's dog, it is "photographed" 3–6 times in varied contexts (background,
+position, size), and written to disk as an ordinary image folder with a metadata.jsonl, so
+it goes through exactly the same data path as a user's photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import scenes
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str  # a shape of the world
+    tone_a: tuple[int, int, int]
+    tone_b: tuple[int, int, int]
+    split: str  # vertical | horizontal | diagonal
+    mark: tuple[int, int, int]  # colour of the small central marking
+    # (background, position, size) of each photo: varied contexts, never repeated
+    photos: tuple[tuple[str, str, str], ...]
+
+    def scene(self, background: str, position: str, size: str) -> scenes.Scene:
+        """The scene a photo shows (the object's colour/pattern are placeholders: the
+        subject's own paint replaces them)."""
+        return scenes.Scene(background, (scenes.SceneObject(self.class_noun, "red", "plain", size, position),))
+
+
+_CYAN, _MAGENTA, _LIME, _NAVY, _BROWN = (0, 200, 210), (215, 0, 150), (170, 240, 0), (20, 30, 100), (120, 70, 20)
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in (
+        Subject("duo_star", "star", _CYAN, _MAGENTA, "vertical", (20, 20, 20),
+                (("white", "left", "large"), ("gray", "center", "large"), ("blue", "right", "large"),
+                 ("yellow", "center", "small"), ("black", "left", "small"))),
+        Subject("ringed_circle", "circle", _NAVY, _LIME, "horizontal", (245, 245, 245),
+                (("white", "center", "large"), ("gray", "right", "small"), ("yellow", "left", "large"),
+                 ("green", "center", "small"))),
+        Subject("split_square", "square", _BROWN, _CYAN, "diagonal", (245, 245, 245),
+                (("white", "right", "large"), ("gray", "left", "small"), ("blue", "center", "large"),
+                 ("black", "center", "large"), ("yellow", "right", "small"), ("green", "left", "large"))),
+        Subject("eyed_heart", "heart", _MAGENTA, _LIME, "vertical", (20, 20, 20),
+                (("gray", "center", "large"), ("white", "right", "large"), ("blue", "left", "small"))),
+    )
+}
+
+
+def get(name: str) -> Subject:
+    if name not in SUBJECTS:
+        raise KeyError(f"unknown toy-world subject {name!r}; known subjects: {', '.join(SUBJECTS)}")
+    return SUBJECTS[name]
+
+
+def render_subject(subject: Subject, background: str, position: str, size: str, dx: int = 0,
+                   dy: int = 0) -> Image.Image:
+    """One 'photo' of the subject: its two tones and marking, at the given place."""
+    ss = 4
+    big = scenes.SIZE * ss
+    o = scenes.SceneObject(subject.class_noun, "red", "plain", size, position, dx, dy)
+    cx, cy, r = scenes.object_geometry(o)
+    body = np.asarray(scenes.shape_mask(subject.class_noun, cx, cy, r)) > 127
+    yy, xx = np.mgrid[0:big, 0:big]
+    if subject.split == "vertical":
+        side_a = xx < cx
+    elif subject.split == "horizontal":
+        side_a = yy < cy
+    else:
+        side_a = (xx - cx) < (yy - cy)
+    img = np.empty((big, big, 3), np.uint8)
+    img[:] = scenes.BACKGROUNDS[background]
+    img[body & side_a] = subject.tone_a
+    img[body & ~side_a] = subject.tone_b
+    canvas = Image.fromarray(img)
+    d = ImageDraw.Draw(canvas)
+    m = 0.22 * r
+    d.ellipse([cx - m, cy - m + 0.1 * r, cx + m, cy + m + 0.1 * r], fill=subject.mark)
+    return canvas.resize((scenes.SIZE, scenes.SIZE), Image.BOX)
+
+
+def photos(subject: Subject) -> list[tuple[Image.Image, dict]]:
+    """The subject's photo set with each photo's record (what a captioner would say)."""
+    out = []
+    for k, (bg, pos, size) in enumerate(subject.photos):
+        dx, dy = (k % 3) - 1, (k % 2) * 2 - 1
+        record = {"subject": subject.name, "class_noun": subject.class_noun, "background": bg,
+                  "position": pos, "size": size}
+        out.append((render_subject(subject, bg, pos, size, dx, dy), record))
+    return out
+
+
+def write_folder(subject: Subject, folder: Path) -> Path:
+    """Write the photos as 01.png … plus metadata.jsonl (file_name + record per line)."""
+    from ..runs import atomic_write_bytes, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (img, record) in enumerate(photos(subject), start=1):
+        name = f"{k:02d}.png"
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        atomic_write_bytes(folder / name, buf.getvalue())
+        lines.append(json.dumps({"file_name": name, **record}))
+    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
+    return folder

@@ -1,0 +1,120 @@
+"""Tests of dbkit.runs: atomic writes, run folders, provenance, timings and cache paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbkit import config, runs
+
+
+def exp_with(tmp_path: Path, **sections: object) -> config.Experiment:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(config.BASE_PATH), **sections}))
+    return config.load(path)
+
+
+def test_atomic_write_replaces_content_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "f.txt"
+    runs.atomic_write_text(target, "one")
+    runs.atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert os.listdir(target.parent) == ["f.txt"]
+    assert target.stat().st_mode & 0o777 == 0o644
+    runs.atomic_write_bytes(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    runs.atomic_write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        runs.atomic_write_json(target, {"a": object()})
+    assert runs.read_json(target) == {"a": 1}
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_read_json_default_and_paths(tmp_path: Path) -> None:
+    assert runs.read_json(tmp_path / "missing.json", default={"x": 0}) == {"x": 0}
+    runs.atomic_write_json(tmp_path / "p.json", {"where": Path("a/b")})
+    assert runs.read_json(tmp_path / "p.json") == {"where": "a/b"}
+
+
+def test_run_dir_reused_for_same_params_and_new_for_changed(tmp_path: Path) -> None:
+    exp = exp_with(tmp_path, train={"steps": 7})
+    first = runs.run_dir(exp, root=tmp_path / "runs")
+    assert first == tmp_path / "runs" / "exp" / exp.hash[:12]
+    assert (first / "hash.txt").read_text().strip() == exp.hash
+    assert yaml.safe_load((first / "params.yaml").read_text()) == exp.params
+    (first / "checkpoint.bin").write_bytes(b"resume me")
+
+    # same params, notes edited: same folder, work kept, params.yaml updated
+    again = exp_with(tmp_path, train={"steps": 7}, notes={"hypothesis": "later thoughts"})
+    assert runs.run_dir(again, root=tmp_path / "runs") == first
+    assert (first / "checkpoint.bin").read_bytes() == b"resume me"
+    assert "later thoughts" in (first / "params.yaml").read_text()
+
+    changed = exp_with(tmp_path, train={"steps": 8})
+    other = runs.run_dir(changed, root=tmp_path / "runs")
+    assert other != first and other.parent == first.parent
+    assert (other / "hash.txt").read_text().strip() == changed.hash
+    assert yaml.safe_load((first / "params.yaml").read_text())["train"]["steps"] == 7
+
+
+def test_run_dir_refuses_a_folder_with_another_hash(tmp_path: Path) -> None:
+    exp = exp_with(tmp_path)
+    folder = runs.run_dir(exp, root=tmp_path)
+    (folder / "hash.txt").write_text("0" * 64 + "\n")
+    with pytest.raises(runs.RunDirError, match=r"holds a run with params hash 0{64}"):
+        runs.run_dir(exp, root=tmp_path)
+
+
+def test_latest_run(tmp_path: Path) -> None:
+    assert runs.latest_run("exp", root=tmp_path) is None
+    a = runs.run_dir(exp_with(tmp_path, seed=1), root=tmp_path)
+    b = runs.run_dir(exp_with(tmp_path, seed=2), root=tmp_path)
+    os.utime(a, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    os.utime(b, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    (tmp_path / "exp" / "not-a-run").mkdir()
+    assert runs.latest_run("exp", root=tmp_path) == a
+
+
+def test_provenance_keys(tmp_path: Path) -> None:
+    exp = exp_with(tmp_path, seed=42)
+    folder = runs.run_dir(exp, root=tmp_path)
+    info = runs.write_provenance(folder, exp)
+    assert runs.read_json(folder / "provenance.json") == info
+    assert {"git_commit", "git_dirty", "python", "platform", "packages", "device", "params_hash", "seed",
+            "timestamp"} <= info.keys()
+    assert info["params_hash"] == exp.hash and info["seed"] == 42
+    assert set(info["packages"]) == {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
+                                     "papermill", "numpy"}
+    assert info["packages"]["numpy"]  # installed in this venv
+    assert info["timestamp"].endswith("+00:00")
+    assert info["device"]
+    assert info["git_commit"] is None or len(info["git_commit"]) == 40
+
+
+def test_record_timing_merges(tmp_path: Path) -> None:
+    runs.record_timing(tmp_path, "train", 12.34567)
+    runs.record_timing(tmp_path, "sample", 1.5)
+    runs.record_timing(tmp_path, "train", 13.0)
+    assert runs.read_json(tmp_path / "timings.json") == {"train": 13.0, "sample": 1.5}
+
+
+def test_cache_path_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = runs.cache_path("class_images", {"prompt": "a star", "seed": 1, "n": 4}, root=tmp_path)
+    b = runs.cache_path("class_images", {"n": 4, "seed": 1, "prompt": "a star"}, root=tmp_path)
+    c = runs.cache_path("class_images", {"prompt": "a star", "seed": 2, "n": 4}, root=tmp_path)
+    assert a == b != c
+    assert a.parent == tmp_path / "class_images" and len(a.name) == 16
+    assert a.name == config.stable_hash({"prompt": "a star", "seed": 1, "n": 4})[:16]
+    monkeypatch.setenv("DBKIT_CACHE", str(tmp_path / "env"))
+    assert runs.cache_path("latents", {"k": 1}).parent == tmp_path / "env" / "latents"
+    monkeypatch.delenv("DBKIT_CACHE")
+    assert runs.cache_path("latents", {"k": 1}).parent == Path(".cache/dbkit/latents")
+    with pytest.raises(ValueError, match="simple folder name"):
+        runs.cache_path("../up", {}, root=tmp_path)
