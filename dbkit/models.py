@@ -68,6 +68,6 @@ def load_pipeline(path: Path, family: str, dtype=None):
 
     dtype = dtype or torch.float32
     if family in ("sdxl", "playground"):
-        return StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
-    return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+        return StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
+    return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)

@@ -48,12 +48,29 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, in
     return math.ceil(right - min(left, 0)), math.ceil(bottom - min(top, 0))
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """Greedy word wrap to ``width`` pixels (prompts as column labels are longer than a cell)."""
+    lines: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and _text_size(draw, trial, font)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str], *, scale: int = 2,
                title: str = "") -> Image.Image:
     """One row per model/variant (label left), one column per seed/prompt (labels on top).
 
     Images are upscaled by ``scale`` with nearest-neighbour so 64×64 samples stay crisp;
-    cells are sized to the largest image and a missing image leaves its cell blank.
+    cells are sized to the largest image and a missing image leaves its cell blank; column
+    labels wrap at word boundaries to the cell width.
     Without labels or a title the size is exactly
     ``(ncols·(w·scale + PAD) + PAD, nrows·(h·scale + PAD) + PAD)``; labels add a left
     column and a top band sized to the text.
@@ -67,6 +84,7 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str],
 
     font = _font(scale)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    col_labels = [_wrap(probe, c, font, cell_w) for c in col_labels]
     label_w = max((_text_size(probe, label, font)[0] for label, _ in rows), default=0)
     label_w = label_w + 2 * PAD if label_w else 0
     header_h = max((_text_size(probe, c, font)[1] for c in col_labels), default=0)
@@ -82,18 +100,63 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str],
         draw.text((PAD, PAD), title, fill=TEXT, font=font)
     x0, y0 = label_w + PAD, title_h + header_h + PAD
     for j, label in enumerate(col_labels):
-        tw, _ = _text_size(draw, label, font)
-        # centred over its column; a label wider than the cell starts at the cell's left edge
+        tw, th = _text_size(draw, label, font)
+        # centred over its column and sitting on it; a label wider than the cell starts at its left edge
         x = x0 + j * (cell_w + PAD) + max(0, (cell_w - tw) // 2)
-        draw.text((x, title_h + PAD), label, fill=TEXT, font=font)
+        draw.multiline_text((x, title_h + header_h - PAD - th), label, fill=TEXT, font=font, align="center")
     for i, (label, ims) in enumerate(rows):
         y = y0 + i * (cell_h + PAD)
         _, th = _text_size(draw, label, font)
-        draw.text((PAD, y + max(0, (cell_h - th) // 2)), label, fill=TEXT, font=font)
+        draw.multiline_text((PAD, y + max(0, (cell_h - th) // 2)), label, fill=TEXT, font=font)
         for j, im in enumerate(ims):
             big = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
             canvas.paste(big, (x0 + j * (cell_w + PAD), y))
     return canvas
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file as RGB, read fully (the file is closed on return)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def sample_browser(run_dir: Path, *, scale: int = 4) -> None:
+    """Flip through the training previews (step × prompt × seed) with widgets.
+
+    Live in JupyterLab; in the static HTML report the widgets are frozen at their initial
+    values (see :func:`dbkit.runner.render_html`), so the preview grids carry the story
+    there. Displays, returns nothing (a returned widget would display twice).
+    """
+    from IPython.display import Markdown, display
+
+    steps = sorted((Path(run_dir) / "samples").glob("step_*"))
+    if not steps:
+        display(Markdown("_No preview samples were saved during training._"))
+        return
+    idx = json.loads((steps[0] / "index.json").read_text(encoding="utf-8"))
+    try:
+        import ipywidgets as w
+    except ImportError:
+        display(Markdown("_Install ipywidgets to browse samples interactively._"))
+        return
+    step = w.SelectionSlider(options=[(str(int(d.name.split("_")[1])), d) for d in steps], value=steps[-1],
+                             description="step")
+    prompt = w.Dropdown(options=[(t, i) for i, t in enumerate(idx["prompts"])], description="prompt")
+    seed = w.SelectionSlider(options=list(idx["seeds"]), description="seed")
+    img = w.Image(format="png")
+
+    def update(_: Any = None) -> None:
+        path = step.value / f"p{prompt.value}_s{seed.value}.png"
+        if path.is_file():
+            # upscaled here, nearest-neighbour: the browser would blur a 64×64 image
+            big = open_image(path)
+            big = big.resize((big.width * scale, big.height * scale), Image.Resampling.NEAREST)
+            img.value = _png_bytes(big) or b""
+
+    for control in (step, prompt, seed):
+        control.observe(update, names="value")
+    update()
+    display(w.VBox([w.HBox([step, seed]), prompt, img]))
 
 
 def _png_bytes(obj: Any) -> bytes | None:
@@ -132,9 +195,12 @@ def show(img_or_fig: Any) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL log; a torn last line (a run still writing) is skipped."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    """Records of a JSONL log; a torn last line (a run still writing) is skipped; no file = []."""
+    out: list[dict] = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line:
             continue
@@ -197,8 +263,53 @@ def plot_curves(log_path: Path, keys: Sequence[str] = ("loss",)) -> Any:
     if handles:
         ax.legend(handles, labels, loc="upper right", fontsize="small")
     else:
-        ax.text(0.5, 0.5, f"no {', '.join(keys)} in {Path(log_path).name}", ha="center", va="center",
-                transform=ax.transAxes)
+        _no_data(ax, f"no {', '.join(keys)} in {Path(log_path).name}")
+    fig.tight_layout()
+    return fig
+
+
+def _no_data(ax: Any, text: str) -> None:
+    # an empty plot with a reason beats a failing cell: a report still renders for partial runs
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def plot_steps_curve(path: Path) -> Any:
+    """Metrics measured during training (``steps_curve.jsonl``: step → subject_fidelity, pres, …), 0–1."""
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_jsonl(Path(path)) if isinstance(r.get("step"), (int, float))]
+    keys = list(dict.fromkeys(k for r in records for k, v in r.items()
+                              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*pts), marker="o", markersize=3, linewidth=1.5, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        _no_data(ax, f"no metrics logged during training ({Path(path).name} is missing or empty)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tag_frequencies(freqs: Mapping[str, int] | None, top: int = 30) -> Any:
+    """Horizontal bars of the ``top`` most frequent caption tags (``tag_frequencies.json``)."""
+    import matplotlib.pyplot as plt
+
+    items = sorted((freqs or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    fig, ax = plt.subplots(figsize=(7, max(1.6, 0.25 * len(items) + 0.8)))
+    if items:
+        tags, counts = zip(*reversed(items))  # most frequent on top
+        ax.barh(range(len(tags)), counts, color="#4c72b0")
+        ax.set_yticks(range(len(tags)), tags, fontsize="small")
+        ax.set_xlabel("captions containing the tag")
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_axis_off()
+        _no_data(ax, "no tags (captions in sentence form only)")
     fig.tight_layout()
     return fig
 
@@ -211,7 +322,10 @@ def _cell(value: Any, floatfmt: str) -> str:
         return ""
     if isinstance(value, float):
         return format(value, floatfmt)
-    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     # a raw '|' or newline would break the row
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -228,6 +342,92 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c), floatfmt) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# Column order of the metrics tables (others follow in order of appearance).
+_METRIC_ORDER = ("subject_fidelity", "signature_score", "prompt_fidelity", "pres", "div", "div_subject")
+_NOT_METRIC_COLUMNS = ("backend", "n_images")
+
+
+def _metric_info() -> dict[str, str]:
+    try:
+        from .metrics import METRIC_INFO
+    except ImportError:  # a slim install without the toy world: tables without the legend
+        return {}
+    return dict(METRIC_INFO)
+
+
+def metrics_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
+    """Metrics of several models (``{"model": …, "subject_fidelity": …, …}``) with a legend.
+
+    Rows without metrics (user photos, no oracle) keep their model name and empty cells.
+    """
+    if not rows:
+        return "_No metrics._"
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "model" and k not in _NOT_METRIC_COLUMNS))
+    keys = [k for k in _METRIC_ORDER if k in keys] + [k for k in keys if k not in _METRIC_ORDER]
+    table = markdown_table(rows, ["model", *keys], floatfmt)
+    info = _metric_info()
+    legend = [f"- `{k}`: {info[k]}" for k in keys if k in info]
+    backends = sorted({str(r["backend"]) for r in rows if r.get("backend")})
+    if backends:
+        legend.append(f"- backend: {', '.join(backends)}")
+    return table + ("\n\n" + "\n".join(legend) if legend else "")
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """The report's head: hypothesis, conclusion, key metrics, params diff and the ablation."""
+    notes = summary.get("notes") or {}
+    parts = [f"## {summary.get('experiment', '')}".rstrip()]
+    for title in ("hypothesis", "conclusion"):
+        text = str(summary.get(title) or notes.get(title) or "").strip()
+        parts.append(f"**{title.capitalize()}.** {text or '_not written_'}")
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        rank_by = summary.get("rank_by")
+        rows = [{"metric": f"**{k}**" if k == rank_by else k, "value": v} for k, v in metrics.items()]
+        parts.append("### Key metrics\n\n" + markdown_table(rows, ["metric", "value"]))
+    parts.append("### Params diff against the parent\n\n" + params_diff_markdown(summary.get("diff") or {}))
+    vary = summary.get("vary") or {}
+    if vary:
+        lines = [f"- `{k}`: {', '.join(_value(v) for v in vals)}" for k, vals in vary.items()]
+        parts.append("### Ablation\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def provenance_markdown(summary: Mapping[str, Any]) -> str:
+    """What produced this report: code version, environment, params hash, seed, stage timings."""
+    prov = summary.get("provenance") or {}
+    commit = prov.get("git_commit")
+    code = "—"
+    if commit:
+        code = f"`{commit[:12]}`" + (" (uncommitted changes)" if prov.get("git_dirty") else "")
+    packages = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
+    rows = [
+        {"": "params file", "value": f"`{summary.get('params_file') or prov.get('params_file', '')}`"},
+        {"": "params hash", "value": f"`{summary.get('hash') or prov.get('params_hash', '')}`"},
+        {"": "seed", "value": prov.get("seed")},
+        {"": "run folder", "value": f"`{summary.get('run_dir', '')}`"},
+        {"": "code", "value": code},
+        {"": "python", "value": prov.get("python")},
+        {"": "packages", "value": packages or None},
+        {"": "device", "value": prov.get("device")},
+        {"": "platform", "value": prov.get("platform")},
+        {"": "run started", "value": prov.get("timestamp")},
+    ]
+    out = markdown_table([r for r in rows if r["value"] not in (None, "", "``")], ["", "value"])
+    timings = summary.get("timings") or {}
+    if timings:
+        trows = [{"stage": k, "wall time": _duration(v)} for k, v in timings.items()]
+        out += "\n\n" + markdown_table(trows, ["stage", "wall time"])
+    return out
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return str(seconds)
+    m, s = divmod(float(seconds), 60)
+    return f"{int(m)} min {s:.0f} s" if m else f"{s:.1f} s"
 
 
 def _value(v: Any) -> str:
@@ -267,22 +467,17 @@ def reports_dir(exp_name: str, root: Path | None = None) -> Path:
 def write_summary(report_dir: Path, summary: dict) -> Path:
     """Write ``<report_dir>/summary.json`` atomically for :func:`dbkit.runner.build_index`.
 
-    Expected keys: ``experiment``, ``hypothesis``, ``metrics`` (name → number), optional
-    ``rank_by`` (a metric name; the index sorts on it, descending), ``hash`` and ``date``
-    (today's UTC timestamp is filled in when missing).
+    Keys the index reads: ``experiment``, ``hypothesis`` (or ``notes.hypothesis``),
+    ``metrics`` (name → number; a text value such as the best variant's label is shown
+    as is), ``rank_by`` (a metric name; the index sorts on it, descending; experiments
+    lacking it go last), ``hash`` and ``date`` (now, UTC, when missing). Other keys are
+    kept for the record.
     """
     from . import runs
 
     metrics = summary.get("metrics", {})
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"summary['metrics'] must map names to numbers, got {type(metrics).__name__}")
-    bad = {k: v for k, v in metrics.items()
-           if not isinstance(v, (int, float)) or isinstance(v, bool)}
-    if bad:
-        raise ValueError(f"summary['metrics'] values must be numbers; not numbers: {bad!r}")
-    rank_by = summary.get("rank_by")
-    if rank_by is not None and rank_by not in metrics:
-        raise ValueError(f"summary['rank_by'] is {rank_by!r}, which is not one of the metrics: {list(metrics)}")
+        raise TypeError(f"summary['metrics'] must map names to values, got {type(metrics).__name__}")
     out = dict(summary)
     out.setdefault("date", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     path = Path(report_dir) / "summary.json"

@@ -55,11 +55,14 @@ _TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
 {% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
 {% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
-{% block extra_css %}<style type="text/css">{{ resources.get('dbkit_css', '') }}</style>{% endblock extra_css %}
+{% block extra_css %}
+<style type="text/css">{{ resources.get('dbkit_css', '') }}</style>
+{% endblock extra_css %}
 {% block body_header %}{{ super() }}{{ resources.get('dbkit_nav', '') }}{% endblock body_header %}
 {%- block data_widget_view scoped %}
 <div class="jp-RenderedText jp-OutputArea-output {{ extra_class }}" data-mime-type="text/plain">
-<pre>{{ output.data.get('text/plain', '[interactive widget: not shown in the static report]') | ansi2html }}</pre>
+<pre>{{ output.data.get('text/plain', '[interactive widget: not shown in the static report]')
+        | ansi2html }}</pre>
 </div>
 {%- endblock data_widget_view -%}
 """
@@ -77,7 +80,8 @@ class NotebookFailed(RuntimeError):
     """A notebook cell raised; the partial notebook was still rendered to ``html_path``."""
 
     def __init__(self, notebook: str, cell: str | None, ename: str, evalue: str, html_path: Path | None):
-        self.notebook, self.cell, self.ename, self.evalue, self.html_path = notebook, cell, ename, evalue, html_path
+        self.notebook, self.cell, self.ename, self.evalue = notebook, cell, ename, evalue
+        self.html_path = html_path
         where = f", cell {cell}" if cell is not None else ""
         super().__init__(f"FAILED: {notebook}.ipynb{where}: {ename}: {evalue}")
 
@@ -183,18 +187,32 @@ def _widget_html(model_id: str, models: dict, depth: int = 0) -> str | None:
     desc = html.escape(str(st.get("description") or ""))
     label = f"<span>{desc}&nbsp;</span>" if desc else ""
     if name in ("HBoxModel", "VBoxModel", "BoxModel", "GridBoxModel"):
-        parts = [_widget_html(str(c).removeprefix("IPY_MODEL_"), models, depth + 1) for c in st.get("children", [])]
+        parts = [_widget_html(str(c).removeprefix("IPY_MODEL_"), models, depth + 1)
+                 for c in st.get("children", [])]
         direction = "row" if name == "HBoxModel" else "column"
         return (f'<div style="display:flex;flex-direction:{direction};align-items:center;gap:6px">'
                 + "".join(p for p in parts if p) + "</div>")
     if name in ("HTMLModel", "HTMLMathModel"):
         return label + f"<span>{st.get('value', '')}</span>"  # the widget's value is HTML by definition
     if name in ("FloatProgressModel", "IntProgressModel"):
-        lo, hi, v = float(st.get("min", 0) or 0), float(st.get("max", 100) or 100), float(st.get("value", 0) or 0)
+        lo, hi = float(st.get("min") or 0), float(st.get("max") or 100)
+        v = float(st.get("value") or 0)
         pct = 0.0 if hi <= lo else max(0.0, min(100.0, 100 * (v - lo) / (hi - lo)))
         color = _BAR_COLORS.get(st.get("bar_style") or "", "#2196f3")
         return (label + '<span style="display:inline-block;width:320px;height:14px;background:#e0e0e0">'
                 f'<span style="display:block;width:{pct:.1f}%;height:100%;background:{color}"></span></span>')
+    if name == "ImageModel":
+        # binary traits are saved beside the state, base64-encoded
+        data = next((b.get("data") for b in model.get("buffers", []) if b.get("path") == ["value"]), None)
+        if not data:
+            return None
+        fmt = html.escape(str(st.get("format") or "png"))
+        size = "".join(f' {k}="{html.escape(str(st[k]))}"' for k in ("width", "height") if st.get(k))
+        return f'<img alt="widget image" src="data:image/{fmt};base64,{data}"{size}>'
+    if isinstance(st.get("_options_labels"), list) and isinstance(st.get("index"), int):
+        labels = st["_options_labels"]
+        chosen = labels[st["index"]] if 0 <= st["index"] < len(labels) else ""
+        return label + f"<code>{html.escape(str(chosen))}</code>"
     if "value" in st and not isinstance(st["value"], (dict, list)):
         return label + f"<code>{html.escape(str(st['value']))}</code>"
     return None
@@ -310,7 +328,8 @@ def run_experiment(params_path: str | Path, overrides: list[str] | None = None, 
     exp = config.load(params_path, overrides)
     selected = _select(only)
     notebooks_dir = Path(notebooks_dir)
-    missing = [f"{notebooks_dir / nb}.ipynb" for nb in selected if not (notebooks_dir / f"{nb}.ipynb").is_file()]
+    missing = [str(notebooks_dir / f"{nb}.ipynb") for nb in selected
+               if not (notebooks_dir / f"{nb}.ipynb").is_file()]
     if missing:
         raise FileNotFoundError(f"notebook(s) not found: {', '.join(missing)}")
 
@@ -414,7 +433,8 @@ def build_index(reports_root: Path = Path("reports")) -> Path:
             summary = runs.read_json(path, default={})
         except ValueError:  # a hand-edited or foreign file: list the experiment, without data
             summary = {}
-        rows.append(_Row(path.parent.name, summary if isinstance(summary, dict) else {}, path.stat().st_mtime))
+        summary = summary if isinstance(summary, dict) else {}
+        rows.append(_Row(path.parent.name, summary, path.stat().st_mtime))
 
     ranks = Counter(r.summary.get("rank_by") for r in rows if r.summary.get("rank_by"))
     rank_by = ranks.most_common(1)[0][0] if ranks else None
@@ -440,8 +460,11 @@ def build_index(reports_root: Path = Path("reports")) -> Path:
     for r in rows:
         s = r.summary
         name = html.escape(r.name)
-        hypo = html.escape(str(s.get("hypothesis") or "")).replace("\n", "<br>")
-        cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">{_fmt_metric(metrics(r).get(n))}</td>'
+        notes = s.get("notes") if isinstance(s.get("notes"), dict) else {}
+        hypo = str(s.get("hypothesis") or notes.get("hypothesis") or "").strip()
+        hypo = html.escape(hypo).replace("\n", "<br>")
+        cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
+                        f"{_fmt_metric(metrics(r).get(n))}</td>"
                         for n in names)
         h = html.escape(str(s.get("hash") or "")[:12])
         # ISO timestamps shown to the minute; anything else as written
@@ -477,8 +500,8 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def screenshot(html_path: Path, png_path: Path, *, chromium: str | None = None, size: tuple[int, int] = (1200, 900),
-               timeout: float = 90) -> Path:
+def screenshot(html_path: Path, png_path: Path, *, chromium: str | None = None,
+               size: tuple[int, int] = (1200, 900), timeout: float = 90) -> Path:
     """Render ``html_path`` in headless Chromium, offline, and save a PNG screenshot.
 
     Raises FileNotFoundError when no Chromium is installed, RuntimeError when it fails.

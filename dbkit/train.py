@@ -338,6 +338,7 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     from tqdm.auto import tqdm
 
     check_combination(p, family)
+    run_dir.mkdir(parents=True, exist_ok=True)
     p = effective_params(p)
     t = p["train"]
     accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"])
@@ -426,7 +427,7 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             loss, l_inst, l_prior = dreambooth_loss(per, w, len(idx), p["prior"]["weight"])
             if not torch.isfinite(loss):
                 kept = latest_checkpoint(ckpt_root)
-                raise TrainingError(f"loss became {float(loss)} at step {step}: lower train.lr (now {t['lr']}) "
+                raise TrainingError(f"loss became {loss.item()} at step {step}: lower train.lr (now {t['lr']}) "
                                     f"or enable train.max_grad_norm; last good checkpoint: {kept}")
             accel.backward(loss)
             if not te_on:
@@ -446,7 +447,7 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
                     emb.weight[keep] = orig_emb[keep].to(emb.weight.dtype)
         if ema is not None:
             ema.step(trainable)
-        rec = {"step": step + 1, "loss": float(loss), "loss_instance": float(l_inst), "loss_prior": float(l_prior),
+        rec = {"step": step + 1, "loss": loss.item(), "loss_instance": l_inst.item(), "loss_prior": l_prior.item(),
                "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2)}
         if accel.is_main_process:
             with open(log_path, "a") as f:

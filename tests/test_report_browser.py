@@ -35,7 +35,8 @@ def _report_html(tmp_path: Path) -> Path:
     nb.cells = [
         nbformat.v4.new_markdown_cell("# Browser check\nSome *text* and a [link](https://example.com)."),
         nbformat.v4.new_code_cell("show(grid)", execution_count=1, outputs=[
-            nbformat.v4.new_output("display_data", data={"image/png": _png_b64(MAGENTA), "text/plain": "<Image>"}),
+            nbformat.v4.new_output("display_data",
+                                   data={"image/png": _png_b64(MAGENTA), "text/plain": "<Image>"}),
             nbformat.v4.new_output("display_data", data={
                 "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2,
                                                              "version_minor": 0},

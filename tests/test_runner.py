@@ -70,7 +70,8 @@ def make_params(tmp: Path, name: str, extra: str = "") -> Path:
     Image.new("RGB", (8, 8), (0, 128, 255)).save(images / "one.png")
     path = tmp / "params" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(f"extends: {config.BASE_PATH}\nexperiment: {name}\ndata:\n  instance_images: {images}\n{extra}")
+    path.write_text(f"extends: {config.BASE_PATH}\nexperiment: {name}\n"
+                    f"data:\n  instance_images: {images}\n{extra}")
     return path
 
 
@@ -103,7 +104,8 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
         assert runner.external_refs(page) == [], name
     assert 'href="https://example.com/docs"' in pages["01_data.html"]  # plain links stay
     assert "width:100.0%" in pages["01_data.html"]  # the tqdm widget shows its final state
-    assert '<a href="01_data.html"' in pages["index.html"] and '<a href="04_ablations.html"' in pages["index.html"]
+    assert '<a href="01_data.html"' in pages["index.html"]
+    assert '<a href="04_ablations.html"' in pages["index.html"]
     assert (out / "01_data.ipynb").is_file() and not list(out.glob(".*.ipynb"))
 
     exp = config.load(params)
@@ -118,7 +120,8 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
 
 def test_failing_cell_stops_the_run_and_is_reported(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     nbs = workdir / "nbs"
-    make_notebook(nbs / "03_train.ipynb", "print('training')", "x = 1\nraise ValueError('loss is nan at step 7')")
+    make_notebook(nbs / "03_train.ipynb", "print('training')",
+                  "x = 1\nraise ValueError('loss is nan at step 7')")
     make_notebook(nbs / "04_ablations.ipynb", "open('ablations_ran.txt', 'w').write('yes')")
     params = make_params(workdir, "exp-fail")
 
@@ -145,7 +148,8 @@ def test_config_error_stops_before_any_notebook(workdir: Path, capsys: pytest.Ca
 
     with pytest.raises(config.ConfigError):
         runner.run_experiment(params, notebooks_dir=nbs, reports_root=workdir / "reports", progress=False)
-    code = cli.main(["run", str(params), "-p", "train.steps=10", "--notebooks", str(nbs), "--only", "01_data"])
+    code = cli.main(["run", str(params), "-p", "train.steps=10", "--notebooks", str(nbs),
+                     "--only", "01_data"])
 
     assert code == 2
     err = capsys.readouterr().err
@@ -165,8 +169,11 @@ def test_build_index_sorts_by_rank_by(tmp_path: Path) -> None:
     for name, score in (("mid", 0.5), ("best", 0.9), ("worst", 0.1)):
         report.write_summary(report.reports_dir(name, reports), {
             "experiment": name, "hypothesis": f"<{name}> hypothesis", "rank_by": "fidelity",
-            "metrics": {"fidelity": score, "diversity": 1 - score}, "hash": "abcdef0123456789", "date": "2024-05-01"})
-    report.write_summary(report.reports_dir("unranked", reports), {"experiment": "unranked", "metrics": {}})
+            "metrics": {"fidelity": score, "diversity": 1 - score}, "hash": "abcdef0123456789",
+            "date": "2024-05-01"})
+    report.write_summary(report.reports_dir("unranked", reports), {
+        "experiment": "unranked", "notes": {"hypothesis": "from the notes"}, "metrics": {"best": "rank 8"},
+        "rank_by": "fidelity"})
     (reports / "no-summary").mkdir()
 
     page = runner.build_index(reports).read_text(encoding="utf-8")
@@ -174,15 +181,48 @@ def test_build_index_sorts_by_rank_by(tmp_path: Path) -> None:
     order = [m.group(1) for m in re.finditer(r'<a href="([\w-]+)/index\.html"', page)]
     assert order == ["best", "mid", "worst", "unranked"]
     assert "&lt;best&gt; hypothesis" in page and "abcdef012345" in page and "2024-05-01" in page
+    assert "from the notes" in page and "rank 8" in page
     assert page.index("fidelity") < page.index("diversity")  # the ranking metric is the first column
     assert not EXTERNAL.findall(page)
+    assert cli.main(["report", "--reports", str(reports)]) == 0  # `dbkit report` rebuilds the same page
+    assert (reports / "index.html").read_text(encoding="utf-8") == page
+
+
+def test_widgets_are_frozen_at_their_final_state(tmp_path: Path) -> None:
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAIAAAAmkwkpAAAAEElEQVR4nGP8z4AATAxEcQAz0QEHOoQ+"
+           "uAAAAABJRU5ErkJggg==")
+    models = {
+        "box": {"model_name": "VBoxModel",
+                "state": {"children": ["IPY_MODEL_bar", "IPY_MODEL_sel", "IPY_MODEL_img"]}},
+        "bar": {"model_name": "FloatProgressModel",
+                "state": {"value": 30, "max": 60, "bar_style": "success"}},
+        "sel": {"model_name": "SelectionSliderModel",
+                "state": {"description": "step", "_options_labels": ["100", "200"], "index": 1}},
+        "img": {"model_name": "ImageModel", "state": {"format": "png", "width": "128"},
+                "buffers": [{"path": ["value"], "data": png, "encoding": "base64"}]},
+    }
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": models}}
+    view = "application/vnd.jupyter.widget-view+json"
+    nb.cells = [nbformat.v4.new_code_cell("secret()", outputs=[
+        nbformat.v4.new_output("display_data", data={view: {"model_id": "box"}, "text/plain": "VBox()"}),
+        nbformat.v4.new_output("display_data", data={view: {"model_id": "gone"}, "text/plain": "Gone()"}),
+    ])]
+    nbformat.write(nb, str(tmp_path / "w.ipynb"))
+
+    page = runner.render_html(tmp_path / "w.ipynb", tmp_path / "w.html").read_text(encoding="utf-8")
+
+    assert "width:50.0%" in page and "<code>200</code>" in page and f"base64,{png}" in page
+    assert "Gone()" in page and "VBox()" not in page and "secret()" not in page
+    assert "widget-state+json" not in page and runner.external_refs(page) == []
 
 
 def test_strip_external_removes_network_references_only() -> None:
     page = """<html><head>
 <script src="https://cdn.example.com/require.js"></script>
 <link rel="stylesheet" href="//fonts.example.com/css">
-<style>@import url("https://fonts.example.com/x.css"); body { background: url(https://x.example/bg.png) }</style>
+<style>@import url("https://fonts.example.com/x.css");
+body { background: url(https://x.example/bg.png) }</style>
 <script>var ok = 1;</script></head><body>
 <img alt="remote" src='http://example.com/a.png'><img src="data:image/png;base64,AAAA">
 <a href="https://example.com">a link</a><iframe src=https://example.com/embed></iframe>

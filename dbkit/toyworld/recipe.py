@@ -33,8 +33,8 @@ RECIPE: dict = {
     "vae_batch": 32,
     "vae_lr": 1e-3,
     "vae_kl_weight": 1e-6,
-    "n_scenes": 24000,
-    "unet_steps": 5000,
+    "n_scenes": 16000,
+    "unet_steps": 4000,
     "unet_batch": 64,
     "unet_lr": 5e-4,
     "warmup": 200,
@@ -215,7 +215,7 @@ def train_unet(components: dict, tokenizer, latents: torch.Tensor, all_scenes: l
     from diffusers.training_utils import EMAModel
 
     unet, text_encoder = components["unet"], components["text_encoder"]
-    noise_sched = DDPMScheduler(**scheduler_config())
+    noise_sched = DDPMScheduler.from_config(scheduler_config())
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe["unet_lr"], weight_decay=1e-2)
     total = recipe["unet_steps"]
@@ -264,11 +264,27 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     comps = new_components(recipe["seed"])
     t0 = time.time()
-    train_vae(comps["vae"], recipe, log)
+    # Phase 1 is cached beside the output (keyed by its recipe entries), so a crash or a
+    # change to phase 2 does not repeat the VAE and the latent encoding.
+    phase1 = {k: recipe[k] for k in ("seed", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "n_scenes")}
+    stage = out.parent / f"{out.name}-phase1"
+    if (stage / "phase1.json").exists() and json.loads((stage / "phase1.json").read_text()) == phase1:
+        from diffusers import AutoencoderKL
+
+        comps["vae"] = AutoencoderKL.from_pretrained(stage / "vae")
+        latents = torch.load(stage / "latents.pt")
+        stream = scenes.scenes(recipe["seed"] + 1, held_out=False)
+        all_scenes = [next(stream) for _ in range(recipe["n_scenes"])]
+        log({"phase": "vae", "cached": str(stage)})
+    else:
+        train_vae(comps["vae"], recipe, log)
+        latents, all_scenes = encode_scenes(comps["vae"], recipe)
+        comps["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
+        comps["vae"].save_pretrained(stage / "vae")
+        torch.save(latents, stage / "latents.pt")
+        (stage / "phase1.json").write_text(json.dumps(phase1))
     t_vae = time.time() - t0
-    latents, all_scenes = encode_scenes(comps["vae"], recipe)
-    scale = float(1.0 / latents.std())
-    comps["vae"].register_to_config(scaling_factor=scale)
+    scale = comps["vae"].config.scaling_factor
     latents = latents * scale
     log({"phase": "latents", "n": len(all_scenes), "scaling_factor": scale})
     tok_dir = out / "tokenizer"

@@ -1,0 +1,109 @@
+"""Benchmarks (`dbkit bench …`): the toy world's acceptance figures, measured, never assumed.
+
+- `base`: the shipped base prompted with held-out captions (combinations never seen in
+  pretraining): share of images whose oracle-read background / shape / colour / pattern /
+  position match the prompt; and, per subject, the signature rate of class-noun and
+  description prompts (the subject must be new to the base).
+- `load`: seconds to load the shipped pipeline and draw a first batch.
+- `dreambooth`: a plain LoRA DreamBooth run on one subject; signature rate after training
+  and wall time.
+Each prints JSON (and returns it) so figures can be pasted into notes with their command.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def held_out_prompts(n: int, seed: int = 0) -> list[tuple[str, object]]:
+    from .toyworld import scenes
+
+    stream = scenes.scenes(seed + 10_000, held_out=True)
+    return [(scenes.caption_sentence(s), s) for s in (next(stream) for _ in range(n))]
+
+
+def base_accuracy(pipe, n: int = 100, *, steps: int = 25, guidance: float = 4.0, seed: int = 0) -> dict:
+    """Oracle-read attributes vs the prompt, over `n` held-out captions (one seed each)."""
+    from .sample import generate
+    from .toyworld import oracle
+
+    prompts = held_out_prompts(n, seed)
+    images = []
+    for k, (text, _) in enumerate(prompts):
+        images += generate(pipe, [text], [seed + k], steps=steps, guidance=guidance)
+    hits: dict[str, list[bool]] = {k: [] for k in ("background", "shape", "colour", "pattern", "size", "position")}
+    for (_, scene), im in zip(prompts, images):
+        r = oracle.read(im)
+        m = scene.main
+        want = {"background": scene.background, "shape": m.shape, "colour": m.colour, "pattern": m.pattern,
+                "size": m.size, "position": m.position}
+        for key in hits:
+            hits[key].append(getattr(r, key) == want[key])
+    return {k: float(np.mean(v)) for k, v in hits.items()} | {"n": n, "steps": steps, "guidance": guidance}
+
+
+def subject_novelty(pipe, n: int = 20, *, steps: int = 25, guidance: float = 4.0) -> dict:
+    """Signature rate of the base for each subject's class noun and descriptions of it."""
+    from .metrics import signature_rate
+    from .sample import generate
+    from .toyworld import subjects
+
+    out = {}
+    for sub in subjects.SUBJECTS.values():
+        prompts = [f"a {sub.class_noun}", f"a sks {sub.class_noun}", f"a large {sub.class_noun} on a gray background"]
+        prompts += [f"a {c} {p} {sub.class_noun}" for c in ("red", "blue") for p in ("striped", "dotted")]
+        images = generate(pipe, prompts, list(range(n)), steps=steps, guidance=guidance)
+        out[sub.name] = signature_rate(images, sub)
+    return out
+
+
+def bench_base(model: str = "toyworld", n: int = 100) -> dict:
+    from .models import detect_family, load_pipeline, resolve
+
+    path = resolve(model)
+    pipe = load_pipeline(path, detect_family(path))
+    t0 = time.time()
+    acc = base_accuracy(pipe, n)
+    novelty = subject_novelty(pipe)
+    return {"accuracy": acc, "subject_signature_rate": novelty, "seconds": round(time.time() - t0, 1)}
+
+
+def bench_load(model: str = "toyworld") -> dict:
+    t0 = time.time()
+    from .models import detect_family, load_pipeline, resolve
+    from .sample import generate
+
+    path = resolve(model)
+    pipe = load_pipeline(path, detect_family(path))
+    t1 = time.time()
+    generate(pipe, ["a red star on a blue background"], [0, 1, 2, 3], steps=25, guidance=4.0)
+    t2 = time.time()
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return {"load_s": round(t1 - t0, 2), "sample_4_images_25_steps_s": round(t2 - t1, 2),
+            "total_s": round(t2 - t0, 2), "weights_mb": round(size / 2**20, 2)}
+
+
+def bench_dreambooth(subject: str = "duo_star", steps: int = 300, overrides: list[str] | None = None) -> dict:
+    """LoRA DreamBooth on one subject through the real data/caption/train path (no notebooks)."""
+    from . import config, workflow
+
+    params = Path(__file__).resolve().parent.parent / "params" / "demo.yaml"
+    ov = [f"data.instance_images=toyworld:{subject}", f"train.steps={steps}", "experiment=bench-dreambooth",
+          "train.sample_every=0"] + list(overrides or [])
+    from .toyworld import subjects
+
+    ov.append(f"captions.class_noun={subjects.get(subject).class_noun}")
+    exp = config.load(params, ov)
+    rd = workflow.runs.run_dir(exp)
+    t0 = time.time()
+    workflow.prepare_data(exp, rd)
+    workflow.prepare_captions(exp, rd)
+    t1 = time.time()
+    workflow.run_training(exp, rd, progress=False)
+    t2 = time.time()
+    m = workflow.evaluate_run(exp, rd)
+    return {"subject": subject, "steps": steps, "data_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
+            "metrics": m, "run_dir": str(rd)}
