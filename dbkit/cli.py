@@ -80,6 +80,19 @@ def _cmd_check_report(args: argparse.Namespace) -> int:
     return 1 if refs else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.what == "base":
+        result = bench.bench_base(args.model, n=args.n)
+    elif args.what == "load":
+        result = bench.bench_load(args.model)
+    else:
+        result = bench.bench_dreambooth(args.subject, steps=args.steps, overrides=args.p)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dbkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("html", help="an HTML report, e.g. reports/demo/index.html")
     p.add_argument("--out", default="", help="PNG path (default: beside the HTML)")
     p.set_defaults(func=_cmd_check_report)
+    p = sub.add_parser("bench", help="measure: base accuracy, load time, DreamBooth signature rate")
+    p.add_argument("what", choices=("base", "load", "dreambooth"))
+    p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")
+    p.add_argument("--n", type=int, default=100, help="base: number of held-out captions")
+    p.add_argument("--subject", default="duo_star", help="dreambooth: toy-world subject")
+    p.add_argument("--steps", type=int, default=300, help="dreambooth: training steps")
+    p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
+    p.set_defaults(func=_cmd_bench)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -38,6 +38,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "captions.form": ("sentence", "tags", "both"),
     "captions.trigger": ("identifier", "word", "none"),
     "train.method": ("lora", "dora", "full"),
+    "train.prediction": ("auto", "epsilon", "v_prediction", "edm"),
     "train.lr_scheduler": ("constant", "linear", "cosine"),
     "train.optimizer": ("adamw", "adamw8bit", "prodigy"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -461,6 +462,10 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
             raise ConfigError(f"{src('metrics.' + key)}: 'metrics.{key}' folder {folder!r} does not exist "
                               f"(relative to {Path.cwd()}): download the model elsewhere and point "
                               f"metrics.{key} at the local folder")
+    lpips = params["metrics"]["lpips_model"]
+    if params["metrics"]["backend"] == "clip" and lpips and not Path(lpips).is_file():
+        raise ConfigError(f"{src('metrics.lpips_model')}: 'metrics.lpips_model' file {lpips!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at a safetensors file or leave it empty")
 
 
 def _check_image_folder(src: str, key: str, folder: str) -> None:

@@ -48,42 +48,34 @@ def _kohya_metadata(meta: dict) -> dict[str, str]:
 
 
 def save_lora(out: Path, modules: dict, meta: dict) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    layers = {}
-    for name, m in modules.items():
-        if getattr(m, "peft_config", None):
-            sd = get_peft_model_state_dict(m, save_embedding_layers=False)
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(sd)
-    StableDiffusionPipeline.save_lora_weights(out, **layers, safe_serialization=True)
+    peft_sds = {name: get_peft_model_state_dict(m, save_embedding_layers=False)
+                for name, m in modules.items() if getattr(m, "peft_config", None)}
+    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft_sds.items()}
+    pipe_cls = StableDiffusionXLPipeline if "text_encoder_2" in modules else StableDiffusionPipeline
+    pipe_cls.save_lora_weights(out, **layers, safe_serialization=True)
     path = out / LORA_FILE
-    sd = load_file(path)
-    save_file(sd, path, metadata={"dbkit": json.dumps(meta)})
+    save_file(load_file(path), path, metadata={"dbkit": json.dumps(meta)})
     if meta["method"].startswith("dora"):
         return  # kohya's DoRA layout differs per tool; the diffusers file is the portable one
-    peft_sd = {f"{name}.{k}": v for name, m in modules.items() if getattr(m, "peft_config", None)
-               for k, v in get_peft_model_state_dict(m, save_embedding_layers=False).items()}
-    # one text encoder: kohya calls it lora_te_ (lora_te1_/lora_te2_ are SDXL's two)
-    kohya = {k.replace("lora_te1_", "lora_te_", 1): v.contiguous()
-             for k, v in convert_state_dict_to_kohya(peft_sd).items()}
+    flat = {f"{name}.{k}": v for name, sd in peft_sds.items() for k, v in sd.items()}
+    kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(flat).items()}
+    if "text_encoder_2" not in modules:  # one text encoder: kohya calls it lora_te_ (te1/te2 are SDXL's)
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
     save_file(kohya, out / KOHYA_FILE, metadata=_kohya_metadata(meta))
 
 
-def save_full(out: Path, parts, modules: dict, base_path: Path) -> None:
-    from .train import inference_pipeline
-
-    pipe = inference_pipeline(parts, modules, base_path)
-    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+_EMBEDDING_KEYS = ("clip_l", "clip_g")  # the names diffusers' advanced script and the WebUI use
 
 
-def save_embeddings(out: Path, parts, tokens: list[str], ids: list[int]) -> None:
-    weight = parts.text_encoder.get_input_embeddings().weight.detach().cpu() if not hasattr(
-        parts.text_encoder, "module") else parts.text_encoder.module.get_input_embeddings().weight.detach().cpu()
-    vecs = weight[ids].clone().contiguous()
-    # "clip_l" is the key diffusers' advanced DreamBooth script and the WebUI use
-    save_file({"clip_l": vecs}, out / EMBEDDINGS_FILE, metadata={"tokens": json.dumps(tokens)})
+def save_embeddings(out: Path, modules: dict, tokens: list[str], new_ids: list[list[int]]) -> None:
+    tensors = {}
+    for key, name, ids in zip(_EMBEDDING_KEYS, ("text_encoder", "text_encoder_2"), new_ids):
+        tensors[key] = modules[name].get_input_embeddings().weight.detach().cpu()[ids].clone().contiguous()
+    save_file(tensors, out / EMBEDDINGS_FILE, metadata={"tokens": json.dumps(tokens)})
 
 
 def read_metadata(out: Path) -> dict:
@@ -92,17 +84,21 @@ def read_metadata(out: Path) -> dict:
 
 
 def add_embeddings(pipe, path: Path) -> list[str]:
-    """Register pivotal tokens and their vectors in a pipeline's tokenizer/text encoder."""
+    """Register pivotal tokens and their vectors in a pipeline's tokenizer(s)/text encoder(s)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         tokens = json.loads(f.metadata()["tokens"])
-    vecs = load_file(path)["clip_l"]
-    pipe.tokenizer.add_tokens(tokens)
-    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
-    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
-    with torch.no_grad():
-        pipe.text_encoder.get_input_embeddings().weight[ids] = vecs.to(pipe.text_encoder.dtype)
+    vecs = load_file(path)
+    pairs = [(pipe.tokenizer, pipe.text_encoder),
+             (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    for key, (tok, te) in zip(_EMBEDDING_KEYS, pairs):
+        if key not in vecs or tok is None:
+            continue
+        tok.add_tokens(tokens)
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            te.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)] = vecs[key].to(te.dtype)
     return tokens
 
 
@@ -110,11 +106,13 @@ def load_trained(out: Path, base_path: Path, family: str, *, lora_scale: float =
     """An inference pipeline for a run's output (LoRA scaled by `lora_scale`)."""
     from .models import load_pipeline
 
-    if (out / "pipeline" / "model_index.json").exists():
-        pipe = load_pipeline(out / "pipeline", family)
-    else:
-        pipe = load_pipeline(base_path, family)
-    if (out / EMBEDDINGS_FILE).exists() and not (out / "pipeline").exists():
+    full = (out / "pipeline" / "model_index.json").exists()
+    pipe = load_pipeline(out / "pipeline" if full else base_path, family)
+    meta = read_metadata(out)
+    objective = meta.get("objective")
+    if objective in ("epsilon", "v_prediction") and pipe.scheduler.config.get("prediction_type") != objective:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=objective)
+    if (out / EMBEDDINGS_FILE).exists() and not full:
         add_embeddings(pipe, out / EMBEDDINGS_FILE)
     if (out / lora_file).exists():
         pipe.load_lora_weights(str(out), weight_name=lora_file, adapter_name="subject")

@@ -11,6 +11,7 @@ Nothing is downloaded: a hub id only works when it is already in the local HF ca
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 FAMILIES = ("sd15", "sd2", "sdxl", "playground")
@@ -71,3 +72,95 @@ def load_pipeline(path: Path, family: str, dtype=None):
         return StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
     return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
+
+
+# --------------------------------------------------------------------------- random twins
+# No weights can be downloaded here, so every family is exercised on a randomly initialised
+# model of the same classes and wiring, built from config: tiny for the CPU test suite, or
+# at full size (the real architectures' configs) for a GPU check with `dbkit bench families`.
+
+def _unet_config(family: str, full: bool) -> dict:
+    xl = family in ("sdxl", "playground")
+    if full and xl:
+        return dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    if full:  # SD1.5 (SD2 differs by heads/linear projection/1024-d text)
+        sd2 = family == "sd2"
+        return dict(sample_size=96 if sd2 else 64, cross_attention_dim=1024 if sd2 else 768,
+                    attention_head_dim=(5, 10, 20, 20) if sd2 else 8, use_linear_projection=sd2)
+    base = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4))
+    if xl:
+        return base | dict(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+                           transformer_layers_per_block=(1, 2))
+    return base | dict(cross_attention_dim=32, use_linear_projection=family == "sd2")
+
+
+def _text_config(vocab: int, hidden: int, layers: int, heads: int, projection: int | None = None) -> dict:
+    cfg = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+               num_attention_heads=heads, max_position_embeddings=77, bos_token_id=vocab - 2,
+               eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="gelu")
+    if projection:
+        cfg["projection_dim"] = projection
+    return cfg
+
+
+def _scheduler(family: str):
+    from diffusers import DDIMScheduler, EDMDPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if family == "playground":
+        return EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+                                              prediction_type="epsilon", final_sigmas_type="zero")
+    if family == "sdxl":
+        return EulerDiscreteScheduler(**common, timestep_spacing="leading", steps_offset=1)
+    return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type="v_prediction" if family == "sd2" else "epsilon")
+
+
+def build_random(family: str, path: Path, *, full: bool = False, seed: int = 0) -> Path:
+    """Save a randomly initialised `family` pipeline (diffusers format) to `path`."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .toyworld.tokenizer import save_tokenizer
+
+    if family not in FAMILIES:
+        raise ModelError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        save_tokenizer(Path(tok_dir))
+        tok = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    vocab = 49408 if full else len(tok)
+    if full:
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    else:
+        vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    if family == "playground":  # Playground v2.5's VAE normalises latents per channel
+        vae.register_to_config(latents_mean=[0.0, 0.0, 0.0, 0.0], latents_std=[1.0, 1.0, 1.0, 1.0],
+                               scaling_factor=0.5)
+    unet = UNet2DConditionModel(**_unet_config(family, full))
+    xl = family in ("sdxl", "playground")
+    if xl:
+        te1 = CLIPTextModel(CLIPTextConfig(**_text_config(vocab, *((768, 12, 12) if full else (32, 2, 4)))))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(
+            vocab, *((1280, 32, 20) if full else (32, 2, 4)), projection=1280 if full else 32)))
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=_scheduler(family))
+    else:
+        dims = ((1024, 23, 16) if family == "sd2" else (768, 12, 12)) if full else (32, 2, 4)
+        te = CLIPTextModel(CLIPTextConfig(**_text_config(vocab, *dims)))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                       scheduler=_scheduler(family), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import captions as cap
-from . import data
+from . import data, diffusion
 from .runs import atomic_write_json, atomic_write_text
 
 
@@ -32,29 +31,57 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and which knob to turn."""
 
 
+XL_FAMILIES = ("sdxl", "playground")
+
+
 @dataclasses.dataclass
 class Parts:
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    tokenizers: list  # one per text encoder (SDXL and Playground have two)
+    text_encoders: list[torch.nn.Module]
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
     family: str
+    objective: str  # epsilon | v_prediction | edm
+
+    @property
+    def te_names(self) -> list[str]:
+        return ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
 
 
-def load_parts(path: Path, family: str) -> Parts:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def objective_of(p: dict, family: str, sched_config: dict) -> str:
+    """What the UNet learns to predict: the base's own objective unless train.prediction says
+    otherwise; EDM only where the base was trained that way."""
+    base = "edm" if family == "playground" else sched_config.get("prediction_type", "epsilon")
+    want = p["train"]["prediction"]
+    if want == "auto":
+        return base
+    if (want == "edm") != (base == "edm"):
+        raise TrainingError(f"train.prediction={want} on a {family} base (trained with {base}): EDM training needs an "
+                            "EDM-trained base such as Playground v2.5; set train.prediction: auto")
+    return want
 
-    if family in ("sdxl", "playground"):
-        raise TrainingError(f"{family} bases are not supported by this trainer yet; use an SD1.x/SD2.x base")
+
+def load_parts(path: Path, family: str, p: dict) -> Parts:
+    from diffusers import AutoencoderKL, DDPMScheduler, EDMEulerScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    suffixes = ["", "_2"] if family in XL_FAMILIES else [""]
+    classes = [CLIPTextModel, CLIPTextModelWithProjection]
+    sched_config = DDPMScheduler.load_config(path / "scheduler")
+    objective = objective_of(p, family, sched_config)
+    if objective == "edm":
+        sched = EDMEulerScheduler.from_config(sched_config)
+    else:
+        sched = DDPMScheduler.from_config(sched_config, prediction_type=objective)
     return Parts(
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
+        tokenizers=[CLIPTokenizer.from_pretrained(path / f"tokenizer{x}") for x in suffixes],
+        text_encoders=[c.from_pretrained(path / f"text_encoder{x}") for c, x in zip(classes, suffixes)],
         vae=AutoencoderKL.from_pretrained(path / "vae"),
         unet=UNet2DConditionModel.from_pretrained(path / "unet"),
-        noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+        noise_scheduler=sched,
         family=family,
+        objective=objective,
     )
 
 
@@ -83,6 +110,9 @@ def check_combination(p: dict, family: str) -> None:
     if t["optimizer"] == "prodigy" and t["lr"] < 0.1:
         raise TrainingError(f"train.optimizer=prodigy adapts its own step size and expects train.lr≈1.0 "
                             f"(got {t['lr']}); set train.lr: 1.0 and train.text_encoder_lr: 1.0")
+    if t["min_snr_gamma"] > 0 and (t["prediction"] == "edm" or family == "playground"):
+        raise TrainingError("train.min_snr_gamma is defined for DDPM timesteps, not EDM's σ: set it to 0 "
+                            "(EDM's λ(σ) weighting already balances noise levels)")
     if t["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
 
@@ -90,26 +120,27 @@ def check_combination(p: dict, family: str) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def add_pivotal_tokens(parts: Parts, p: dict) -> list[int]:
-    """Add <s0>…<sN> to the tokenizer, initialised from the class noun's embedding."""
+def add_pivotal_tokens(parts: Parts, p: dict) -> list[list[int]]:
+    """Add <s0>…<sN> to every tokenizer, initialised from the class noun's embedding.
+    Returns the new ids per text encoder."""
     tokens = pivotal_tokens(p)
-    parts.tokenizer.add_tokens(tokens)
-    emb = parts.text_encoder.get_input_embeddings()
-    init_ids = parts.tokenizer(p["captions"]["class_noun"], add_special_tokens=False).input_ids
-    init = emb.weight.data[init_ids].mean(0)
-    parts.text_encoder.resize_token_embeddings(len(parts.tokenizer))
-    emb = parts.text_encoder.get_input_embeddings()
-    ids = parts.tokenizer.convert_tokens_to_ids(tokens)
-    with torch.no_grad():
-        for i in ids:
-            emb.weight[i] = init
-    return ids
+    out = []
+    for tok, te in zip(parts.tokenizers, parts.text_encoders):
+        init_ids = tok(p["captions"]["class_noun"], add_special_tokens=False).input_ids
+        init = te.get_input_embeddings().weight.data[init_ids].mean(0)
+        tok.add_tokens(tokens)
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        ids = tok.convert_tokens_to_ids(tokens)
+        with torch.no_grad():
+            te.get_input_embeddings().weight[ids] = init
+        out.append(ids)
+    return out
 
 
 def apply_method(parts: Parts, p: dict) -> None:
     """Mark what trains: LoRA/DoRA adapters through peft, or the full weights."""
     t = p["train"]
-    for m in (parts.vae, parts.unet, parts.text_encoder):
+    for m in (parts.vae, parts.unet, *parts.text_encoders):
         m.requires_grad_(False)
     if t["method"] in ("lora", "dora"):
         from peft import LoraConfig
@@ -123,14 +154,18 @@ def apply_method(parts: Parts, p: dict) -> None:
         if t["unet"]:
             parts.unet.add_adapter(config(lo["unet_targets"]))
         if t["text_encoder"]:
-            parts.text_encoder.add_adapter(config(lo["text_targets"]))
+            for te in parts.text_encoders:
+                te.add_adapter(config(lo["text_targets"]))
     else:
         parts.unet.requires_grad_(t["unet"])
-        parts.text_encoder.requires_grad_(t["text_encoder"])
+        for te in parts.text_encoders:
+            te.requires_grad_(t["text_encoder"])
+            te.get_input_embeddings().requires_grad_(False)  # the vocabulary stays; pivotal tunes new rows
     if t["gradient_checkpointing"]:
         parts.unet.enable_gradient_checkpointing()
         if t["text_encoder"]:
-            parts.text_encoder.gradient_checkpointing_enable()
+            for te in parts.text_encoders:
+                te.gradient_checkpointing_enable()
 
 
 def make_optimizer(groups: list[dict], t: dict) -> torch.optim.Optimizer:
@@ -162,15 +197,31 @@ class Example:
 
 
 def load_examples(records: list[dict], p: dict) -> list[Example]:
-    res, d = p["data"]["resolution"], p["data"]
+    """Images at training size; with random crops (data.center_crop false) the short side is
+    scaled to the resolution and the crop is taken at each step."""
+    d = p["data"]
+    res = d["resolution"]
     out = []
     for r in records:
-        img = data.crop_resize(data.open_rgb(Path(r["file"])), res, center=True)
-        ex = Example(data.to_tensor(img), r)
+        im = data.open_rgb(Path(r["file"]))
+        if d["center_crop"]:
+            im = data.crop_resize(im, res, center=True)
+        else:
+            w, h = im.size
+            s = res / min(w, h)
+            im = im.resize((max(res, round(w * s)), max(res, round(h * s))), data.Image.BICUBIC)
+        ex = Example(data.to_tensor(im), r)
         out.append(ex)
         if d["flip"]:
             out.append(Example(torch.flip(ex.pixels, dims=[2]), r))
     return out * d["repeats"]
+
+
+def crop(pixels: torch.Tensor, res: int, gen: torch.Generator) -> torch.Tensor:
+    _, h, w = pixels.shape
+    y = int(torch.randint(0, h - res + 1, (1,), generator=gen))
+    x = int(torch.randint(0, w - res + 1, (1,), generator=gen))
+    return pixels[:, y : y + res, x : x + res]
 
 
 @torch.no_grad()
@@ -184,17 +235,27 @@ def cache_latents(vae, examples: list[Example], batch: int = 64) -> None:
             e.latent = lat.float().cpu()
 
 
-def sample_latents(vae, batch: list[Example], gen: torch.Generator) -> torch.Tensor:
+def sample_latents(vae, batch: list[Example], gen: torch.Generator, res: int) -> torch.Tensor:
     if batch[0].latent is not None:
         params = torch.stack([e.latent for e in batch])
     else:
+        pixels = torch.stack([crop(e.pixels, res, gen) for e in batch])
         with torch.no_grad():
-            params = vae.encode(torch.stack([e.pixels for e in batch]).to(vae.device, vae.dtype)
-                                ).latent_dist.parameters.float().cpu()
+            params = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
     mean, logvar = params.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     z = mean + std * torch.randn(mean.shape, generator=gen)
-    return z * vae.config.scaling_factor
+    return normalise_latents(vae, z)
+
+
+def normalise_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents → the UNet's scale (Playground v2.5's VAE also has per-channel mean/std)."""
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1)
+        return (z - mean) * cfg.scaling_factor / std
+    return z * cfg.scaling_factor
 
 
 def epoch_indices(n: int, step: int, batch: int, seed: int, salt: int) -> list[int]:
@@ -205,43 +266,6 @@ def epoch_indices(n: int, step: int, batch: int, seed: int, salt: int) -> list[i
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch * 31 + salt))
         out.append(int(perm[pos]))
     return out
-
-
-# --------------------------------------------------------------------------- loss
-
-
-def target_for(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    kind = sched.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return sched.get_velocity(latents, noise, t)
-    raise TrainingError(f"prediction_type {kind!r} of the base's scheduler is not supported")
-
-
-def snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ weight per sample (Hang et al. 2023); 1 everywhere when γ = 0."""
-    if gamma <= 0:
-        return torch.ones(t.shape[0])
-    ac = sched.alphas_cumprod.to(t.device)[t].float()
-    snr = ac / (1 - ac)
-    w = torch.clamp(snr, max=gamma) / snr
-    if sched.config.prediction_type == "v_prediction":
-        w = torch.clamp(snr, max=gamma) / (snr + 1)
-    return w
-
-
-def dreambooth_loss(per_sample: torch.Tensor, weights: torch.Tensor, n_instance: int,
-                    prior_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """instance + λ·prior from one forward pass over the concatenated batch. The Min-SNR
-    weights are applied per sample, so each half is weighted by its own timesteps (the
-    diffusers scripts weight the instance half with weights computed for the whole batch)."""
-    wl = weights.to(per_sample.device) * per_sample
-    inst = wl[:n_instance].mean()
-    if per_sample.shape[0] == n_instance:
-        return inst, inst, torch.zeros_like(inst)
-    prior = wl[n_instance:].mean()
-    return inst + prior_weight * prior, inst, prior
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -271,10 +295,11 @@ def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, lr_sch
 
 
 def all_params_state(modules: dict) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus the (possibly grown) token embedding for pivotal tuning."""
+    """Trainable parameters plus each text encoder's (possibly grown) token embedding."""
     state = trainable_state(modules)
-    te = modules["text_encoder"]
-    state["text_encoder.__embeddings__"] = te.get_input_embeddings().weight.detach().cpu().clone()
+    for name, m in modules.items():
+        if name.startswith("text_encoder"):
+            state[f"{name}.__embeddings__"] = m.get_input_embeddings().weight.detach().cpu().clone()
     return state
 
 
@@ -286,9 +311,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema) -> int:
     state = torch.load(path / "state.pt", weights_only=False)
     params = dict(state["params"])
-    emb = params.pop("text_encoder.__embeddings__")
     with torch.no_grad():
-        modules["text_encoder"].get_input_embeddings().weight.copy_(emb)
+        for name, m in modules.items():
+            if f"{name}.__embeddings__" in params:
+                m.get_input_embeddings().weight.copy_(params.pop(f"{name}.__embeddings__"))
         for name, m in modules.items():
             for k, v in m.named_parameters():
                 key = f"{name}.{k}"
@@ -304,19 +330,34 @@ def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
-def encode_text(parts: Parts, prompts: list[str], memo: dict | None) -> torch.Tensor:
-    """Text embeddings; `memo` (caption → embedding) is used only while the text encoder is
-    frozen, so it stays correct under caption shuffling and dropout."""
-    tok = parts.tokenizer
+def encode_text(parts: Parts, prompts: list[str], memo: dict | None, res: int) -> tuple[torch.Tensor, dict | None]:
+    """Text conditioning for the UNet: hidden states (and for SDXL-style bases the pooled
+    embedding and size/crop ids). `memo` (caption → embeddings) is used only while every
+    text encoder is frozen, so it stays correct under caption shuffling and dropout."""
     if memo is not None and all(pr in memo for pr in prompts):
-        return torch.stack([memo[pr] for pr in prompts])
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(parts.text_encoder.device)
-    out = parts.text_encoder(ids)[0]
-    if memo is not None:
-        for pr, e in zip(prompts, out.detach()):
-            memo[pr] = e
-    return out
+        rows = [memo[pr] for pr in prompts]
+    else:
+        hidden, pooled = [], None
+        for tok, te in zip(parts.tokenizers, parts.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(te.device)
+            if len(parts.text_encoders) == 1:
+                hidden.append(te(ids)[0])
+            else:  # SDXL conditions on the penultimate layer of both encoders, pooled from the second
+                out = te(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]
+        ehs = torch.cat(hidden, dim=-1)
+        rows = [(e, None if pooled is None else pl) for e, pl in zip(ehs, pooled if pooled is not None else ehs)]
+        if memo is not None:
+            for pr, (e, pl) in zip(prompts, rows):
+                memo[pr] = (e.detach(), None if pl is None else pl.detach())
+    ehs = torch.stack([e for e, _ in rows])
+    if rows[0][1] is None:
+        return ehs, None
+    # original size, crop top-left, target size: the whole image at training resolution
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * len(rows), dtype=ehs.dtype, device=ehs.device)
+    return ehs, {"text_embeds": torch.stack([pl for _, pl in rows]), "time_ids": time_ids}
 
 
 def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, random.Random]:
@@ -340,16 +381,17 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     check_combination(p, family)
     run_dir.mkdir(parents=True, exist_ok=True)
     p = effective_params(p)
-    t = p["train"]
+    t, res = p["train"], p["data"]["resolution"]
     accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"])
     torch.manual_seed(p["seed"])
-    parts = load_parts(base_path, family)
+    parts = load_parts(base_path, family, p)
     new_ids = add_pivotal_tokens(parts, p) if t["pivotal"]["enabled"] else []
     apply_method(parts, p)
-    emb = parts.text_encoder.get_input_embeddings()
+    embs = [te.get_input_embeddings() for te in parts.text_encoders]
     if new_ids:
-        emb.weight.requires_grad_(True)
-    orig_emb = emb.weight.detach().clone()
+        for e in embs:
+            e.weight.requires_grad_(True)
+    orig_embs = [e.weight.detach().clone() for e in embs]
     dev = accel.device
     parts.vae.to(dev)
 
@@ -360,15 +402,16 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
         if class_dir is None:
             raise TrainingError("prior.enabled but no class images were prepared (run 01_data first)")
         recs = [{"file": str(f), "caption": prior_prompt, "tags": [prior_prompt]} for f in data.list_images(class_dir)]
-        klass = load_examples(recs, {**p, "data": {**p["data"], "flip": False, "repeats": 1}})
-    if t["cache_latents"]:
+        klass = load_examples(recs, {**p, "data": {**p["data"], "flip": False, "repeats": 1, "center_crop": True}})
+    if t["cache_latents"] and p["data"]["center_crop"]:  # random crops differ every step: nothing to cache
         cache_latents(parts.vae, instance + klass)
 
-    te_params = [q for n, q in parts.text_encoder.named_parameters() if q.requires_grad and "token_embedding" not in n]
+    te_params = [q for te in parts.text_encoders for n, q in te.named_parameters()
+                 if q.requires_grad and "token_embedding" not in n]
     groups = [
         {"params": [q for q in parts.unet.parameters() if q.requires_grad], "lr": t["lr"], "name": "unet"},
         {"params": te_params, "lr": t["text_encoder_lr"], "name": "text_encoder"},
-        {"params": [emb.weight] if new_ids else [], "lr": t["pivotal"]["lr"], "name": "embeddings",
+        {"params": [e.weight for e in embs] if new_ids else [], "lr": t["pivotal"]["lr"], "name": "embeddings",
          "weight_decay": 0.0},
     ]
     optimizer = make_optimizer(groups, t)
@@ -376,9 +419,11 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
                              num_training_steps=t["steps"] * accel.num_processes)
     trainable = [q for g in groups for q in g["params"]]
     ema = EMAModel(trainable, decay=t["ema_decay"]) if t["ema_decay"] > 0 else None
-    unet, text_encoder, optimizer, lr_sched = accel.prepare(parts.unet, parts.text_encoder, optimizer, lr_sched)
-    parts.unet, parts.text_encoder = unet, text_encoder
-    modules = {"unet": accel.unwrap_model(unet), "text_encoder": accel.unwrap_model(text_encoder)}
+    unet, *tes = accel.prepare(parts.unet, *parts.text_encoders)
+    optimizer, lr_sched = accel.prepare(optimizer, lr_sched)
+    modules = {"unet": accel.unwrap_model(unet)}
+    modules.update({name: accel.unwrap_model(te) for name, te in zip(parts.te_names, tes)})
+    parts.text_encoders = tes
 
     ckpt_root = run_dir / "checkpoints"
     start = 0
@@ -394,6 +439,7 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     end = t["steps"] if max_steps is None else min(t["steps"], max_steps)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], desc="train", disable=not progress)
     t0 = time.time()
+    sched = parts.noise_scheduler
     for step in bar:
         gen, rng = step_generators(p["seed"], step, accel.process_index)
         torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
@@ -408,23 +454,20 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             cidx = epoch_indices(len(klass), step, t["batch_size"], p["seed"] + 1, accel.process_index)
             batch += [klass[i] for i in cidx]
             prompts += [prior_prompt] * len(cidx)
-        with accel.accumulate(unet, text_encoder):
-            latents = sample_latents(parts.vae, batch, gen).to(dev)
+        with accel.accumulate(unet, *tes):
+            latents = sample_latents(parts.vae, batch, gen, res).to(dev)
             noise = torch.randn(latents.shape, generator=gen)
             if t["noise_offset"]:
                 noise += t["noise_offset"] * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
             noise = noise.to(dev)
-            ts = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                               generator=gen).to(dev)
-            noisy = parts.noise_scheduler.add_noise(latents, noise, ts)
+            noised = diffusion.noise_latents(sched, latents, noise, gen, parts.objective)
             with torch.set_grad_enabled(te_on or ti_on):
-                ehs = encode_text(parts, prompts, None if (te_on or ti_on) else memo)
+                ehs, added = encode_text(parts, prompts, None if (te_on or ti_on) else memo, res)
             with accel.autocast():
-                pred = unet(noisy, ts, ehs).sample
-            target = target_for(parts.noise_scheduler, latents, noise, ts)
-            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            w = snr_weights(parts.noise_scheduler, ts.cpu(), t["min_snr_gamma"])
-            loss, l_inst, l_prior = dreambooth_loss(per, w, len(idx), p["prior"]["weight"])
+                pred = unet(noised.model_input, noised.timesteps, ehs, added_cond_kwargs=added).sample
+            per = diffusion.per_sample_loss(sched, pred, latents, noise, noised, parts.objective)
+            w = diffusion.snr_weights(sched, noised.timesteps.cpu(), t["min_snr_gamma"], parts.objective)
+            loss, l_inst, l_prior = diffusion.dreambooth_loss(per, w, len(idx), p["prior"]["weight"])
             if not torch.isfinite(loss):
                 kept = latest_checkpoint(ckpt_root)
                 raise TrainingError(f"loss became {loss.item()} at step {step}: lower train.lr (now {t['lr']}) "
@@ -434,17 +477,15 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
                 for q in te_params:
                     q.grad = None
             if not ti_on and new_ids:
-                emb.weight.grad = None
+                for e in embs:
+                    e.weight.grad = None
             if accel.sync_gradients and t["max_grad_norm"] > 0:
                 accel.clip_grad_norm_([q for q in trainable if q.grad is not None], t["max_grad_norm"])
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             if new_ids:
-                with torch.no_grad():  # only the new tokens' rows may move
-                    keep = torch.ones(emb.weight.shape[0], dtype=torch.bool)
-                    keep[new_ids] = False
-                    emb.weight[keep] = orig_emb[keep].to(emb.weight.dtype)
+                restore_vocabulary(embs, orig_embs, new_ids)
         if ema is not None:
             ema.step(trainable)
         rec = {"step": step + 1, "loss": loss.item(), "loss_instance": l_inst.item(), "loss_prior": l_prior.item(),
@@ -471,18 +512,36 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     return out
 
 
-def inference_pipeline(parts: Parts, modules: dict, base_path: Path):
-    """A StableDiffusionPipeline around the live (training) modules, for previews."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def restore_vocabulary(embs: list, originals: list[torch.Tensor], new_ids: list[list[int]]) -> None:
+    """Pivotal tuning moves only the new tokens' rows; put every other row back."""
+    with torch.no_grad():
+        for e, orig, ids in zip(embs, originals, new_ids):
+            keep = torch.ones(e.weight.shape[0], dtype=torch.bool)
+            keep[ids] = False
+            e.weight[keep] = orig[keep].to(e.weight.dtype)
 
-    scheduler = DDIMScheduler.from_pretrained(base_path / "scheduler")
-    return StableDiffusionPipeline(vae=parts.vae, text_encoder=modules["text_encoder"], tokenizer=parts.tokenizer,
+
+def inference_pipeline(parts: Parts, modules: dict, base_path: Path):
+    """A diffusers pipeline around the live (training) modules, for previews and saving."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sched_cfg = diffusers.DDIMScheduler.load_config(base_path / "scheduler")
+    cls = getattr(diffusers, sched_cfg["_class_name"], diffusers.DDIMScheduler)
+    scheduler = cls.from_config(sched_cfg)
+    if parts.objective != "edm" and parts.objective != sched_cfg.get("prediction_type", "epsilon"):
+        scheduler = cls.from_config(sched_cfg, prediction_type=parts.objective)
+    if parts.family in XL_FAMILIES:
+        return StableDiffusionXLPipeline(vae=parts.vae, text_encoder=modules["text_encoder"],
+                                         text_encoder_2=modules["text_encoder_2"], tokenizer=parts.tokenizers[0],
+                                         tokenizer_2=parts.tokenizers[1], unet=modules["unet"], scheduler=scheduler)
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=modules["text_encoder"], tokenizer=parts.tokenizers[0],
                                    unet=modules["unet"], scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
 def save_output(out: Path, parts: Parts, modules: dict, p: dict, family: str, base_path: Path,
-                caption_records: list[dict], new_ids: list[int]) -> None:
+                caption_records: list[dict], new_ids: list[list[int]]) -> None:
     """LoRA: diffusers + kohya safetensors with training metadata; full: a pipeline folder;
     pivotal: the new token embeddings. Written to a temp folder, then renamed into place."""
     from . import export
@@ -490,13 +549,13 @@ def save_output(out: Path, parts: Parts, modules: dict, p: dict, family: str, ba
     tmp = out.parent / (out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = export.training_metadata(p, family, base_path, caption_records)
+    meta = export.training_metadata(p, family, base_path, caption_records) | {"objective": parts.objective}
     if p["train"]["method"] in ("lora", "dora"):
         export.save_lora(tmp, modules, meta)
     else:
-        export.save_full(tmp, parts, modules, base_path)
+        inference_pipeline(parts, modules, base_path).save_pretrained(tmp / "pipeline", safe_serialization=True)
     if new_ids:
-        export.save_embeddings(tmp, parts, pivotal_tokens(p), new_ids)
+        export.save_embeddings(tmp, modules, pivotal_tokens(p), new_ids)
     atomic_write_json(tmp / "training_metadata.json", meta)
     atomic_write_text(tmp / "README.md", export.model_card(meta))
     if out.exists():
