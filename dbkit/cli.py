@@ -80,6 +80,25 @@ def _cmd_check_report(args: argparse.Namespace) -> int:
     return 1 if refs else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Data, captions and training without notebooks: what `accelerate launch` runs on
+    several GPUs. The main process prepares files; every process then trains (DDP)."""
+    from accelerate import PartialState
+
+    from . import workflow
+
+    state = PartialState()
+    exp, rd = workflow.open_experiment(args.params, args.p)
+    if state.is_main_process:
+        workflow.prepare_data(exp, rd)
+        workflow.prepare_captions(exp, rd)
+    state.wait_for_everyone()
+    out = workflow.run_training(exp, rd, progress=state.is_main_process)
+    if state.is_main_process:
+        print(f"trained: {out}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -122,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("html", help="an HTML report, e.g. reports/demo/index.html")
     p.add_argument("--out", default="", help="PNG path (default: beside the HTML)")
     p.set_defaults(func=_cmd_check_report)
+    p = sub.add_parser("train", help="prepare data/captions and train without notebooks (accelerate launch)")
+    p.add_argument("params", help="experiment params file")
+    p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("bench", help="measure: base accuracy, load time, DreamBooth signature rate")
     p.add_argument("what", choices=("base", "load", "dreambooth"))
     p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")

@@ -53,6 +53,8 @@ HASH_EXCLUDE = ("notes", "experiment", "ablation")
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
 _VARY_KEY = "ablation.vary"
+_VARIANTS_KEY = "ablation.variants"
+_WHOLE_KEYS = (_VARY_KEY, _VARIANTS_KEY)  # replaced as a whole when a child file sets them
 _NOT_INHERITED = ("experiment", "notes")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -143,7 +145,7 @@ def _walk(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, value) for every leaf; free-form and ablation.vary values are leaves."""
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in _FREE_KEYS and key != _VARY_KEY:
+        if isinstance(v, dict) and v and key not in _FREE_KEYS and key not in _WHOLE_KEYS:
             yield from _walk(v, key + ".")
         else:
             yield key, v
@@ -341,7 +343,7 @@ def _check_range(src: str, key: str, value: float) -> None:
     raise ConfigError(f"{src}: '{key}' must be {rule}, got {value!r}")
 
 
-_TOYWORLD_RE = re.compile(r"toyworld:([a-z_]+)")
+_TOYWORLD_RE = re.compile(r"toyworld:([a-z_]+)(?:@([1-9][0-9]?))?")  # @n: that many photos (data-amount runs)
 
 
 def _toyworld_subjects() -> dict | None:
@@ -362,8 +364,8 @@ def _check_instance_syntax(src: str, value: str) -> None:
         subjects = _toyworld_subjects()
         known = f"; known subjects: {', '.join(subjects)}" if subjects else ""
         if not m:
-            raise ConfigError(f"{src}: 'data.instance_images' {value!r} is not toyworld:<name> with a "
-                              f"lowercase name{known}")
+            raise ConfigError(f"{src}: 'data.instance_images' {value!r} is not toyworld:<name> (or "
+                              f"toyworld:<name>@<photos, 1-99>) with a lowercase name{known}")
         if subjects is not None and m.group(1) not in subjects:
             raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject "
                               f"{m.group(1)!r}{known}")
@@ -395,6 +397,8 @@ def _check_node(src: str, key: str, value: Any) -> Any:
         return value
     if key == _VARY_KEY:
         return _check_vary(src, value)
+    if key == _VARIANTS_KEY:
+        return _check_variants(src, value)
     default = _default_of(key)
     if isinstance(default, dict):
         if value is None:  # `train:` with every line under it commented out
@@ -422,6 +426,27 @@ def _check_vary(src: str, value: Any) -> dict:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{src}: '{where}' must be a non-empty list of values, got {_describe(values)}")
         out[key] = [_check_value(f"{src} ({_VARY_KEY})", key, v) for v in values]
+    return out
+
+
+def _check_variants(src: str, value: Any) -> dict:
+    """Named variants that change several params at once: {name: {dotted.key: value, …}}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) and v for v in value.values()):
+        raise ConfigError(f"{src}: '{_VARIANTS_KEY}' must map a variant name to its overrides, e.g. "
+                          f"{{full-unet: {{train.method: full, train.text_encoder: false}}}}; got {_describe(value)}")
+    out = {}
+    for name, overrides in value.items():
+        where = f"{_VARIANTS_KEY}: {name}"
+        checked = {}
+        for key, v in overrides.items():
+            if not isinstance(key, str) or not is_valid_key(key):
+                raise ConfigError(f"{src}: '{where}': unknown key '{key}'{_suggest(str(key))}")
+            if key.split(".")[0] in ("ablation", "experiment", "notes") or isinstance(_default_of(key), dict):
+                raise ConfigError(f"{src}: '{where}': only single params can be set, not '{key}'")
+            checked[key] = _check_value(f"{src} ({where})", key, v)
+        out[str(name)] = checked
     return out
 
 
@@ -554,7 +579,7 @@ def _merge(into: dict, over: dict, prefix: str = "") -> None:
     """Deep merge in place: dicts merge, lists and scalars (and ablation.vary) replace."""
     for k, v in over.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(into.get(k), dict) and key != _VARY_KEY:
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and key not in _WHOLE_KEYS:
             _merge(into[k], v, key + ".")
         else:
             into[k] = copy.deepcopy(v)
@@ -564,8 +589,9 @@ def _record_origin(origin: dict[str, str], tree: dict, src: str) -> None:
     for key, _ in _walk(tree):
         origin[key] = src
     # ablation.vary arrives whole; record it under its own key too
-    if isinstance(tree.get("ablation"), dict) and "vary" in tree["ablation"]:
-        origin[_VARY_KEY] = src
+    for whole in _WHOLE_KEYS:
+        if isinstance(tree.get("ablation"), dict) and whole.split(".")[1] in tree["ablation"]:
+            origin[whole] = src
 
 
 def _chain(path: Path) -> list[tuple[Path, dict]]:

@@ -25,14 +25,15 @@ class DataError(ValueError):
 
 
 def resolve_folder(spec: str) -> Path:
-    """A folder path, or `toyworld:<subject>`, which is written once to data/toyworld/<subject>/."""
+    """A folder path, or `toyworld:<subject>[@n]`, written once to data/toyworld/<subject>[@n]/."""
     if spec.startswith("toyworld:"):
         from .toyworld import subjects
 
         name = spec.split(":", 1)[1]
+        subject, _, n = name.partition("@")
         folder = TOYWORLD_DATA / name
         if not (folder / "metadata.jsonl").exists():
-            subjects.write_folder(subjects.get(name), folder)
+            subjects.write_folder(subjects.get(subject), folder, int(n) if n else None)
         return folder
     return Path(spec)
 

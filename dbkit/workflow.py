@@ -10,6 +10,7 @@ functions without Jupyter.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def subject_of(p: dict):
         return None
     from .toyworld import subjects
 
-    return subjects.get(spec.split(":", 1)[1])
+    return subjects.get(spec.split(":", 1)[1].partition("@")[0])
 
 
 # --------------------------------------------------------------------------- 01 data
@@ -62,6 +63,10 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
     folder = data.resolve_folder(p["data"]["instance_images"])
     manifest = data.build_manifest(folder, max_images=p["data"]["max_images"])
     write_jsonl(rd / "manifest.jsonl", manifest)
+    if p["metrics"]["backend"] == "clip":  # a missing CLIP/DINO folder fails here, not after training
+        from . import metric_backends
+
+        metric_backends.check_backends(p)
     info = {"instance_dir": str(folder), "n_instance": len(manifest), "class_dir": None, "n_class": 0,
             "class_source": None}
     if p["prior"]["enabled"]:
@@ -162,19 +167,32 @@ def generator_for(pipe, p: dict):
     return gen
 
 
-def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
-    """Metrics of the trained model (toy world: oracle backend) → metrics.json."""
+def _evaluate(p: dict, pipe) -> dict | None:
+    """Metrics of one model with the configured backend: the toy oracle (exact, toy subjects
+    only) or CLIP/DINO/LPIPS-ViT from local paths (any subject: compared to its real photos)."""
     from .train import effective_params
 
-    p = exp.params
-    subject = subject_of(p)
-    if subject is None:
-        return None  # user photos: the CLIP/DINO backends are configured in metrics.*
-    pipe = pipe or trained_pipeline(exp, rd)
     q = effective_params(p)
     seeds = list(range(100, 100 + p["metrics"]["num_per_prompt"]))
-    result = metrics.evaluate(generator_for(pipe, p), subject, cap.subject_phrase(q), p["captions"]["class_noun"],
-                              seeds=seeds)
+    phrase, noun = cap.subject_phrase(q), p["captions"]["class_noun"]
+    if p["metrics"]["backend"] == "clip":
+        from . import metric_backends
+
+        folder = data.resolve_folder(p["data"]["instance_images"])
+        real = [data.open_rgb(f) for f in data.list_images(folder)]
+        result = metric_backends.evaluate_real(generator_for(pipe, p), p, real, phrase, noun, seeds=seeds)
+        return metric_backends.flatten(result) | {"paper_sd": result.get("paper_sd")}
+    subject = subject_of(p)
+    if subject is None:
+        return None  # user photos need metrics.backend: clip (see README)
+    return metrics.evaluate(generator_for(pipe, p), subject, phrase, noun, seeds=seeds)
+
+
+def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
+    """Metrics of the trained model → metrics.json."""
+    if subject_of(exp.params) is None and exp.params["metrics"]["backend"] != "clip":
+        return None
+    result = _evaluate(exp.params, pipe or trained_pipeline(exp, rd))
     atomic_write_json(rd / "metrics.json", result)
     return result
 
@@ -183,20 +201,15 @@ def evaluate_base(p: dict) -> dict | None:
     """The same metrics for the untouched base (cached: it depends only on base + prompts)."""
     from .train import effective_params
 
-    subject = subject_of(p)
-    if subject is None:
+    if subject_of(p) is None and p["metrics"]["backend"] != "clip":
         return None
     path, family = base_of(p)
-    q = effective_params(p)
-    key = {"base": str(path), "subject": subject.name, "phrase": cap.subject_phrase(q), "sample": p["sample"],
-           "n": p["metrics"]["num_per_prompt"], "res": p["base"]["resolution"], "v": 1}
+    key = {"base": str(path), "instance": p["data"]["instance_images"], "captions": effective_params(p)["captions"],
+           "sample": p["sample"], "metrics": p["metrics"], "res": p["base"]["resolution"], "v": 2}
     cached = runs.cache_path("base_metrics", key) / "metrics.json"
     if (hit := read_json(cached)) is not None:
         return hit
-    pipe = models.load_pipeline(path, family)
-    seeds = list(range(100, 100 + p["metrics"]["num_per_prompt"]))
-    result = metrics.evaluate(generator_for(pipe, p), subject, cap.subject_phrase(q), p["captions"]["class_noun"],
-                              seeds=seeds)
+    result = _evaluate(p, models.load_pipeline(path, family))
     atomic_write_json(cached, result)
     return result
 
@@ -205,12 +218,15 @@ def evaluate_base(p: dict) -> dict | None:
 
 
 def variants(exp: config.Experiment) -> list[tuple[str, config.Experiment]]:
-    """One experiment per value of each `ablation.vary` key (validated like any params)."""
+    """One experiment per value of each `ablation.vary` key, then one per named
+    `ablation.variants` entry (validated like any params)."""
     out = []
     for key, values in exp.params["ablation"]["vary"].items():
         for v in values:
-            slug = f"{key.split('.')[-1]}-{v}".replace("/", "_").replace(" ", "")
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{key.split('.')[-1]}-{v}")
             out.append((f"{key}={v}", exp.with_overrides({key: v}, name=f"{exp.name}__{slug}")))
+    for name, overrides in exp.params["ablation"]["variants"].items():
+        out.append((name, exp.with_overrides(overrides, name=f"{exp.name}__{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}")))
     return out
 
 
@@ -268,11 +284,13 @@ def key_metrics(rows: list[dict]) -> dict:
     trained = [r for r in rows[1:] if r.get("metrics")]
     if not trained:
         return {}
-    best = max(trained, key=lambda r: r["metrics"]["subject_fidelity"])
-    out = {k: round(best["metrics"][k], 3) for k in ("subject_fidelity", "prompt_fidelity", "pres", "div")}
+    rank = "subject_fidelity" if "subject_fidelity" in trained[0]["metrics"] else "dino"
+    best = max(trained, key=lambda r: r["metrics"].get(rank) or 0.0)
+    keys = [k for k, v in best["metrics"].items() if isinstance(v, int | float) and k != "n_images"]
+    out: dict = {k: round(best["metrics"][k], 3) for k in keys}
     base = rows[0].get("metrics") or {}
-    if base:
-        out["base_subject_fidelity"] = round(base["subject_fidelity"], 3)
+    if base.get(rank) is not None:
+        out[f"base_{rank}"] = round(base[rank], 3)
     out["best"] = best["label"]
     return out
 
@@ -292,7 +310,7 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "rows": ab["rows"],
         "grids": ab["grids"],
         "metrics": key_metrics(ab["rows"]),
-        "rank_by": "subject_fidelity",
+        "rank_by": "subject_fidelity" if exp.params["metrics"]["backend"] == "oracle" else "dino",
         "provenance": read_json(rd / "provenance.json"),
         "timings": read_json(rd / "timings.json"),
         "data": read_json(rd / "data.json"),

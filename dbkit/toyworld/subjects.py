@@ -88,10 +88,24 @@ def render_subject(subject: Subject, background: str, position: str, size: str, 
     return canvas.resize((scenes.SIZE, scenes.SIZE), Image.BOX)
 
 
-def photos(subject: Subject) -> list[tuple[Image.Image, dict]]:
+def contexts(subject: Subject, n: int | None = None) -> list[tuple[str, str, str]]:
+    """The subject's own photo contexts, extended (for data-amount experiments) by further
+    (background, position, size) combinations in a fixed shuffled order."""
+    import random
+
+    own = list(subject.photos)
+    if n is None or n <= len(own):
+        return own[: n or len(own)]
+    rest = [(b, p, s) for b in scenes.BACKGROUNDS for p in scenes.POSITIONS for s in scenes.SIZES
+            if (b, p, s) not in own]
+    random.Random(subject.name).shuffle(rest)
+    return own + rest[: n - len(own)]
+
+
+def photos(subject: Subject, n: int | None = None) -> list[tuple[Image.Image, dict]]:
     """The subject's photo set with each photo's record (what a captioner would say)."""
     out = []
-    for k, (bg, pos, size) in enumerate(subject.photos):
+    for k, (bg, pos, size) in enumerate(contexts(subject, n)):
         dx, dy = (k % 3) - 1, (k % 2) * 2 - 1
         record = {"subject": subject.name, "class_noun": subject.class_noun, "background": bg,
                   "position": pos, "size": size}
@@ -99,13 +113,13 @@ def photos(subject: Subject) -> list[tuple[Image.Image, dict]]:
     return out
 
 
-def write_folder(subject: Subject, folder: Path) -> Path:
+def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
     """Write the photos as 01.png … plus metadata.jsonl (file_name + record per line)."""
     from ..runs import atomic_write_bytes, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for k, (img, record) in enumerate(photos(subject), start=1):
+    for k, (img, record) in enumerate(photos(subject, n), start=1):
         name = f"{k:02d}.png"
         buf = io.BytesIO()
         img.save(buf, format="PNG")
