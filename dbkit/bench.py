@@ -60,7 +60,8 @@ def subject_novelty(pipe, n: int = 20, *, steps: int = 25, guidance: float = 4.0
     return out
 
 
-def bench_base(model: str = "toyworld", n: int = 100) -> dict:
+def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> dict:
+    """Accuracy on held-out captions and subject novelty; `card` writes the model card."""
     from .models import detect_family, load_pipeline, resolve
 
     path = resolve(model)
@@ -68,7 +69,13 @@ def bench_base(model: str = "toyworld", n: int = 100) -> dict:
     t0 = time.time()
     acc = base_accuracy(pipe, n)
     novelty = subject_novelty(pipe)
-    return {"accuracy": acc, "subject_signature_rate": novelty, "seconds": round(time.time() - t0, 1)}
+    result = {"accuracy": acc, "subject_signature_rate": novelty, "seconds": round(time.time() - t0, 1)}
+    if card:
+        from .runs import atomic_write_text
+        from .toyworld.recipe import model_card
+
+        atomic_write_text(Path(path) / "README.md", model_card(path, result, bench_load(str(path))))
+    return result
 
 
 def bench_load(model: str = "toyworld") -> dict:

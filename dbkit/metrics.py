@@ -71,7 +71,7 @@ def prompt_fidelity(images: list[Image.Image], wants: list[dict]) -> float:
 
 def diversity(images: list[Image.Image]) -> float:
     """Mean pairwise mean-absolute pixel difference (0–1)."""
-    arrs = [np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images]
+    arrs = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, np.float32) / 255.0 for im in images]
     if len(arrs) < 2:
         return 0.0
     return float(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(arrs, 2)]))

@@ -389,9 +389,16 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         parts.append("### Key metrics\n\n" + markdown_table(rows, ["metric", "value"]))
     parts.append("### Params diff against the parent\n\n" + params_diff_markdown(summary.get("diff") or {}))
     vary = summary.get("vary") or {}
-    if vary:
-        lines = [f"- `{k}`: {', '.join(_value(v) for v in vals)}" for k, vals in vary.items()]
-        parts.append("### Ablation\n\n" + "\n".join(lines))
+    lines = [f"- `{k}`: {', '.join(_value(v) for v in vals)}" for k, vals in vary.items()]
+    for name, overrides in (summary.get("variants") or {}).items():
+        lines.append(f"- **{name}**: " + ", ".join(f"`{k}` = {_value(v)}" for k, v in overrides.items()))
+    if lines:
+        parts.append("### What was varied\n\n" + "\n".join(lines))
+    data = summary.get("data") or {}
+    if data:
+        klass = f"{data.get('n_class', 0)} class images, {data.get('class_source')}" if data.get("class_dir") else \
+            "no prior preservation"
+        parts.append(f"**Data.** {data.get('n_instance')} instance images from `{data.get('instance_dir')}`; {klass}.")
     return "\n\n".join(parts)
 
 

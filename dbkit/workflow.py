@@ -271,7 +271,7 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
         name = f"grid_p{k}.png"
         atomic_write_bytes(rd / "ablation" / name, sample.png_bytes(grid))
         grids.append({"prompt": prompt, "file": f"ablation/{name}"})
-    result = {"vary": p["ablation"]["vary"], "rows": rows, "grids": grids}
+    result = {"vary": p["ablation"]["vary"], "variants": p["ablation"]["variants"], "rows": rows, "grids": grids}
     atomic_write_json(rd / "ablation.json", result)
     return result
 
@@ -305,6 +305,7 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "hash": exp.hash,
         "notes": exp.params["notes"],
         "vary": ab["vary"],
+        "variants": ab.get("variants", {}),
         "diff": {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
                  if not k.startswith(("notes", "experiment"))},
         "rows": ab["rows"],

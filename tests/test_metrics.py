@@ -1,0 +1,76 @@
+"""The oracle metrics on hand-made images with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dbkit import metrics
+from dbkit.toyworld import scenes, subjects
+
+DUO = subjects.get("duo_star")
+
+
+def _photo(bg="white", pos="left", size="large"):
+    return subjects.render_subject(DUO, bg, pos, size)
+
+
+def _scene(colour="red", bg="blue", pos="center", shape="star", size="large"):
+    return scenes.render(scenes.Scene(bg, (scenes.SceneObject(shape, colour, "plain", size, pos),)))
+
+
+def test_subject_fidelity_counts_the_subject_and_not_a_plain_star():
+    assert metrics.signature_rate([_photo(), _photo("gray", "right")], DUO) == 1.0
+    assert metrics.signature_rate([_photo(), _scene()], DUO) == 0.5
+    assert metrics.signature_rate([_scene("yellow"), _scene("green", "white")], DUO) == 0.0
+
+
+def test_prompt_fidelity_checks_each_requested_attribute():
+    wants = [{"background": "gray", "position": "right"}, {"background": "blue", "size": "small"}]
+    right = [_photo("gray", "right"), _photo("blue", "center", "small")]
+    assert metrics.prompt_fidelity(right, wants) == 1.0
+    wrong_bg = [_photo("white", "right"), _photo("blue", "center", "small")]
+    assert metrics.prompt_fidelity(wrong_bg, wants) == 0.75
+    assert metrics.prompt_fidelity([_photo("white", "left"), _photo("black", "left", "large")], wants) == 0.0
+
+
+def test_pres_is_the_signature_rate_of_class_images():
+    drifted = [_photo(), _photo("blue", "center"), _scene()]
+    assert metrics.signature_rate(drifted, DUO) == pytest.approx(2 / 3)
+
+
+def test_diversity_is_zero_for_copies_and_grows_with_difference():
+    same = [_scene(), _scene()]
+    assert metrics.diversity(same) == 0.0
+    near = metrics.diversity([_scene(pos="left"), _scene(pos="center")])
+    far = metrics.diversity([_scene(bg="white"), _scene(bg="black", colour="yellow")])
+    assert 0 < near < far <= 1
+
+
+def test_toy_prompts_request_what_they_say():
+    for text, want in metrics.toy_prompts("sks star", 8):
+        assert text.startswith("a ") and "sks star" in text
+        if "background" in want:
+            assert f"on a {want['background']} background" in text
+        if "position" in want:
+            assert scenes.POSITION_PHRASES[want["position"]] in text
+
+
+def test_evaluate_on_a_perfect_and_a_useless_model():
+    def perfect(prompts, seeds):
+        out = []
+        for prompt in prompts:
+            want = {k: v for _, w in metrics.toy_prompts("sks star", 8) if _ == prompt for k, v in w.items()}
+            bg, pos, size = want.get("background", "gray"), want.get("position", "center"), want.get("size", "large")
+            for s in seeds:
+                if prompt == "a star":
+                    out.append(_scene(list(scenes.OBJECT_COLOURS)[s % 6], pos=scenes.POSITIONS[s % 3]))
+                else:
+                    out.append(_photo(bg, pos, size))
+        return out
+
+    m = metrics.evaluate(perfect, DUO, "sks star", "star", seeds=[0, 1, 2])
+    assert m["subject_fidelity"] == 1.0 and m["prompt_fidelity"] == 1.0 and m["pres"] == 0.0 and m["div"] > 0.05
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    useless = metrics.evaluate(lambda p, s: [blank] * (len(p) * len(s)), DUO, "sks star", "star", seeds=[0, 1])
+    assert useless["subject_fidelity"] == 0.0 and useless["div"] == 0.0
