@@ -39,6 +39,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "captions.trigger": ("identifier", "word", "none"),
     "train.method": ("lora", "dora", "full"),
     "train.prediction": ("auto", "epsilon", "v_prediction", "edm"),
+    "train.log_with": ("none", "tensorboard", "wandb"),
     "train.lr_scheduler": ("constant", "linear", "cosine"),
     "train.optimizer": ("adamw", "adamw8bit", "prodigy"),
     "train.mixed_precision": ("no", "fp16", "bf16"),

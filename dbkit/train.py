@@ -12,6 +12,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -113,6 +114,12 @@ def check_combination(p: dict, family: str) -> None:
     if t["min_snr_gamma"] > 0 and (t["prediction"] == "edm" or family == "playground"):
         raise TrainingError("train.min_snr_gamma is defined for DDPM timesteps, not EDM's σ: set it to 0 "
                             "(EDM's λ(σ) weighting already balances noise levels)")
+    if t["log_with"] != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(t["log_with"]) is None:
+            raise TrainingError(f"train.log_with={t['log_with']} needs `pip install {t['log_with']}`; "
+                                "or set train.log_with: none (train_log.jsonl is always written)")
     if t["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
 
@@ -382,11 +389,17 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     p = effective_params(p)
     t, res = p["train"], p["data"]["resolution"]
-    accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"])
+    trackers = None if t["log_with"] == "none" else t["log_with"]
+    reset_accelerate_state()
+    accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
+                        log_with=trackers, project_dir=str(run_dir / "logs"))
+    if trackers:
+        accel.init_trackers(p["experiment"] or "dbkit", config={"params_hash": run_dir.name})
     torch.manual_seed(p["seed"])
     parts = load_parts(base_path, family, p)
     new_ids = add_pivotal_tokens(parts, p) if t["pivotal"]["enabled"] else []
     apply_method(parts, p)
+    cast_frozen_weights(parts, t, accel.mixed_precision)
     embs = [te.get_input_embeddings() for te in parts.text_encoders]
     if new_ids:
         for e in embs:
@@ -431,8 +444,9 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     if last is not None:
         start = load_checkpoint(last, modules, optimizer, lr_sched, ema)
     log_path = run_dir / "train_log.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
+    if log_path.exists():  # drop what an interrupted run logged past its last checkpoint
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     te_stop = math.ceil(t["text_encoder_fraction"] * t["steps"])
     ti_stop = math.ceil(t["pivotal"]["ti_fraction"] * t["steps"])
     memo: dict | None = {} if not te_params and not new_ids else None
@@ -454,7 +468,7 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             cidx = epoch_indices(len(klass), step, t["batch_size"], p["seed"] + 1, accel.process_index)
             batch += [klass[i] for i in cidx]
             prompts += [prior_prompt] * len(cidx)
-        with accel.accumulate(unet, *tes):
+        with oom_advice(t, step), accel.accumulate(unet, *tes):
             latents = sample_latents(parts.vae, batch, gen, res).to(dev)
             noise = torch.randn(latents.shape, generator=gen)
             if t["noise_offset"]:
@@ -490,6 +504,8 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             ema.step(trainable)
         rec = {"step": step + 1, "loss": loss.item(), "loss_instance": l_inst.item(), "loss_prior": l_prior.item(),
                "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2)}
+        if trackers:
+            accel.log(rec, step=step + 1)
         if accel.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -501,6 +517,8 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             save_checkpoint(ckpt_root, done, modules, optimizer, lr_sched, ema, t["keep_checkpoints"])
         if accel.is_main_process and preview and t["sample_every"] and done % t["sample_every"] == 0:
             preview(done, inference_pipeline(parts, modules, base_path))
+    if trackers:
+        accel.end_training()
     if end < t["steps"]:
         return run_dir  # stopped early on purpose (max_steps)
     accel.wait_for_everyone()
@@ -510,6 +528,45 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
     if accel.is_main_process:
         save_output(out, parts, modules, p, family, base_path, caption_records, new_ids)
     return out
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps its state in a process-wide singleton that refuses a second, different
+    mixed_precision; ablation variants train one after another in one kernel, so start afresh
+    (single-process only: under `accelerate launch` the launcher's state must stay)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@contextlib.contextmanager
+def oom_advice(t: dict, step: int):
+    """Turn an out-of-memory error into the knobs that fix it."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(
+            f"out of GPU memory at step {step}: lower train.batch_size (now {t['batch_size']}) and raise "
+            f"train.grad_accum, set train.gradient_checkpointing: true (now {t['gradient_checkpointing']}), "
+            f"train.mixed_precision: bf16 (now {t['mixed_precision']}), train.cache_latents: true, "
+            "or lower data.resolution; LoRA (train.method: lora) needs far less than full") from e
+
+
+def cast_frozen_weights(parts: Parts, t: dict, precision: str) -> None:
+    """With bf16/fp16, keep frozen weights in half precision (memory) and every trainable
+    weight in fp32 (optimizer precision), as the diffusers scripts do."""
+    if precision == "no":
+        return
+    from diffusers.training_utils import cast_training_params
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    parts.vae.to(dtype=dtype)
+    for m in (parts.unet, *parts.text_encoders):
+        if t["method"] in ("lora", "dora") or not any(q.requires_grad for q in m.parameters()):
+            m.to(dtype=dtype)
+            cast_training_params(m, dtype=torch.float32)
 
 
 def restore_vocabulary(embs: list, originals: list[torch.Tensor], new_ids: list[list[int]]) -> None:

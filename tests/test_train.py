@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +136,65 @@ def test_data_order_is_a_function_of_the_step():
     assert a == b
     flat = [i for x in a for i in x]
     assert sorted(flat[:5]) == list(range(5))  # one epoch visits every image once
+
+
+def test_bf16_keeps_trainable_weights_in_fp32(in_tmp, tiny_base):
+    p = _params(tiny_base, "train.mixed_precision=bf16", "prior.enabled=false", "train.steps=2")
+    parts = train.load_parts(tiny_base, "sd15", p)
+    train.apply_method(parts, p)
+    train.cast_frozen_weights(parts, p["train"], "bf16")
+    trainable = [q for q in parts.unet.parameters() if q.requires_grad]
+    frozen = [q for q in parts.unet.parameters() if not q.requires_grad]
+    assert trainable and all(q.dtype == torch.float32 for q in trainable)
+    assert all(q.dtype == torch.bfloat16 for q in frozen)
+    out = _train(p, in_tmp / "run")
+    assert (out / export.LORA_FILE).exists()
+
+
+def test_missing_tracker_package_is_an_early_error(in_tmp, tiny_base):
+    p = _params(tiny_base, "train.log_with=wandb")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        train.check_combination(p, "sd15")
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(in_tmp, tiny_base):
+    """A real kill (SIGKILL of `dbkit train`), not a simulated stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    params = in_tmp / "k.yaml"
+    params.write_text(f"extends: {root / 'params' / 'base.yaml'}\nbase: {{model: {tiny_base}}}\n"
+                      "prior: {enabled: false}\ntrain: {steps: 60, batch_size: 2, save_every: 10, "
+                      "keep_checkpoints: 2, sample_every: 0}\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def run(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dbkit.cli", "train", str(params), "-p", f"experiment={name}"],
+                                cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert run("whole").wait(timeout=300) == 0
+    proc = run("killed")
+    deadline = time.time() + 300
+    while not list((in_tmp / "runs" / "killed").glob("*/checkpoints/checkpoint-000020")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rd = next((in_tmp / "runs" / "killed").iterdir())
+    assert not (rd / "output").exists()
+    assert run("killed").wait(timeout=300) == 0
+    a = load_file(next((in_tmp / "runs" / "whole").iterdir()) / "output" / export.LORA_FILE)
+    b = load_file(rd / "output" / export.LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (rd / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))  # the log, too, reads as one run
