@@ -112,6 +112,15 @@ def crop_resize(im: Image.Image, resolution: int, *, center: bool = True,
     return im.crop((x, y, x + resolution, y + resolution))
 
 
+def cover_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to cover (width, height), then centre-crop to it."""
+    w, h = size
+    s = max(w / im.width, h / im.height)
+    im = im.resize((max(w, round(im.width * s)), max(h, round(im.height * s))), Image.BICUBIC)
+    x, y = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((x, y, x + w, y + h))
+
+
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """RGB image → float tensor in [-1, 1], channels first (what the VAE expects)."""
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

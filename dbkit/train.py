@@ -201,27 +201,53 @@ class Example:
     pixels: torch.Tensor  # [3, H, W] in [-1, 1]
     record: dict  # caption record {file, caption, tags} (class images: fixed class prompt)
     latent: torch.Tensor | None = None  # cached latent_dist parameters [2C, h, w]
+    bucket: tuple[int, int] | None = None  # (width, height) with aspect-ratio buckets
 
 
 def load_examples(records: list[dict], p: dict) -> list[Example]:
-    """Images at training size; with random crops (data.center_crop false) the short side is
-    scaled to the resolution and the crop is taken at each step."""
+    """Images at training size. Square crops by default; with random crops (data.center_crop
+    false) the short side is scaled to the resolution and the crop is taken at each step;
+    with data.buckets each image keeps its aspect ratio in the nearest bucket."""
     d = p["data"]
     res = d["resolution"]
     out = []
     for r in records:
         im = data.open_rgb(Path(r["file"]))
-        if d["center_crop"]:
+        bucket = None
+        if d["buckets"]:
+            bucket = data.bucket_for(*im.size, res, step=64 if res >= 256 else 8)
+            im = data.cover_crop(im, bucket)
+        elif d["center_crop"]:
             im = data.crop_resize(im, res, center=True)
         else:
             w, h = im.size
             s = res / min(w, h)
             im = im.resize((max(res, round(w * s)), max(res, round(h * s))), data.Image.BICUBIC)
-        ex = Example(data.to_tensor(im), r)
+        ex = Example(data.to_tensor(im), r, bucket=bucket)
         out.append(ex)
         if d["flip"]:
-            out.append(Example(torch.flip(ex.pixels, dims=[2]), r))
+            out.append(Example(torch.flip(ex.pixels, dims=[2]), r, bucket=bucket))
     return out * d["repeats"]
+
+
+def batch_indices(examples: list[Example], step: int, batch: int, seed: int, salt: int) -> list[int]:
+    """The step's instance indices; with buckets the batch is filled from the bucket of the
+    image the epoch order puts first (a batch must share one shape)."""
+    idx = epoch_indices(len(examples), step, batch, seed, salt)
+    bucket = examples[idx[0]].bucket
+    if bucket is None:
+        return idx
+    same = [i for i, e in enumerate(examples) if e.bucket == bucket]
+    g = torch.Generator().manual_seed(seed * 7919 + step * 13 + salt + 1)
+    return [idx[0]] + [same[int(j)] for j in torch.randint(0, len(same), (batch - 1,), generator=g)]
+
+
+def fit_to(ex: Example, bucket: tuple[int, int] | None) -> Example:
+    """A class image reshaped to the instance batch's bucket (encoded at the step, uncached)."""
+    if bucket is None or tuple(ex.pixels.shape[1:][::-1]) == bucket:
+        return ex
+    im = data.Image.fromarray(((ex.pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy())
+    return Example(data.to_tensor(data.cover_crop(im, bucket)), ex.record, bucket=bucket)
 
 
 def crop(pixels: torch.Tensor, res: int, gen: torch.Generator) -> torch.Tensor:
@@ -235,18 +261,22 @@ def crop(pixels: torch.Tensor, res: int, gen: torch.Generator) -> torch.Tensor:
 def cache_latents(vae, examples: list[Example], batch: int = 64) -> None:
     """Encode every example once; the loop samples from the cached distribution each step
     (mean + σ·ε with that step's generator), which is what encoding every step would give."""
-    for k in range(0, len(examples), batch):
-        chunk = examples[k : k + batch]
-        params = vae.encode(torch.stack([e.pixels for e in chunk]).to(vae.device, vae.dtype)).latent_dist.parameters
-        for e, lat in zip(chunk, params):
-            e.latent = lat.float().cpu()
+    by_shape: dict[tuple, list[Example]] = {}
+    for e in examples:
+        by_shape.setdefault(tuple(e.pixels.shape), []).append(e)  # buckets: one shape per stack
+    for group in by_shape.values():
+        for k in range(0, len(group), batch):
+            chunk = group[k : k + batch]
+            params = vae.encode(torch.stack([e.pixels for e in chunk]).to(vae.device, vae.dtype)).latent_dist.parameters
+            for e, lat in zip(chunk, params):
+                e.latent = lat.float().cpu()
 
 
 def sample_latents(vae, batch: list[Example], gen: torch.Generator, res: int) -> torch.Tensor:
     if batch[0].latent is not None:
         params = torch.stack([e.latent for e in batch])
     else:
-        pixels = torch.stack([crop(e.pixels, res, gen) for e in batch])
+        pixels = torch.stack([e.pixels if e.bucket else crop(e.pixels, res, gen) for e in batch])
         with torch.no_grad():
             params = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
     mean, logvar = params.chunk(2, dim=1)
@@ -461,12 +491,12 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
         ti_on = step < ti_stop and bool(new_ids)
         if memo is None and not te_on and not ti_on:
             memo = {}  # text side frozen from here on: embeddings can be memoised
-        idx = epoch_indices(len(instance), step, t["batch_size"], p["seed"], accel.process_index)
+        idx = batch_indices(instance, step, t["batch_size"], p["seed"], accel.process_index)
         batch = [instance[i] for i in idx]
         prompts = [cap.train_caption(e.record, p, rng) for e in batch]
         if klass:
             cidx = epoch_indices(len(klass), step, t["batch_size"], p["seed"] + 1, accel.process_index)
-            batch += [klass[i] for i in cidx]
+            batch += [fit_to(klass[i], batch[0].bucket) for i in cidx]
             prompts += [prior_prompt] * len(cidx)
         with oom_advice(t, step), accel.accumulate(unet, *tes):
             latents = sample_latents(parts.vae, batch, gen, res).to(dev)

@@ -198,3 +198,22 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(in_tmp, tin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (rd / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 61))  # the log, too, reads as one run
+
+
+def test_aspect_ratio_buckets_keep_shapes_and_batches_share_one(in_tmp, tiny_base):
+    from PIL import Image
+
+    folder = in_tmp / "photos"
+    folder.mkdir()
+    for k, size in enumerate([(96, 64), (100, 66), (64, 96), (64, 64)]):
+        Image.new("RGB", size, (40 * k, 90, 200)).save(folder / f"{k}.png")
+    p = _params(tiny_base, f"data.instance_images={folder}", "data.buckets=true", "train.batch_size=2",
+                "prior.num_images=2")
+    recs = captions.build_captions(data.build_manifest(folder), p)
+    ex = train.load_examples(recs, p)
+    assert [e.bucket for e in ex] == [(80, 48), (80, 48), (56, 72), (64, 64)]
+    assert tuple(ex[0].pixels.shape) == (3, 48, 80)
+    for step in range(6):
+        assert len({ex[i].bucket for i in train.batch_indices(ex, step, 2, 0, 0)}) == 1
+    out = _train(p, in_tmp / "run")  # class images (square) are fitted to each batch's bucket
+    assert (out / export.LORA_FILE).exists()
