@@ -273,12 +273,14 @@ def cache_latents(vae, examples: list[Example], batch: int = 64) -> None:
 
 
 def sample_latents(vae, batch: list[Example], gen: torch.Generator, res: int) -> torch.Tensor:
-    if batch[0].latent is not None:
-        params = torch.stack([e.latent for e in batch])
-    else:
-        pixels = torch.stack([e.pixels if e.bucket else crop(e.pixels, res, gen) for e in batch])
+    todo = [k for k, e in enumerate(batch) if e.latent is None]
+    fresh = {}
+    if todo:  # not cached: random crops, or class images fitted to a bucket
+        pixels = torch.stack([batch[k].pixels if batch[k].bucket else crop(batch[k].pixels, res, gen) for k in todo])
         with torch.no_grad():
-            params = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
+            enc = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
+        fresh = dict(zip(todo, enc))
+    params = torch.stack([fresh[k] if k in fresh else e.latent for k, e in enumerate(batch)])
     mean, logvar = params.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     z = mean + std * torch.randn(mean.shape, generator=gen)
