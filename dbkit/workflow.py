@@ -104,7 +104,9 @@ def prepare_captions(exp: config.Experiment, rd: Path) -> list[dict]:
 def preview_writer(rd: Path, p: dict, subject=None):
     """Callback for the trainer: samples at fixed prompts/seeds (and, on the toy world,
     the subject-fidelity curve) at every `train.sample_every` steps."""
-    q = __import__("dbkit.train", fromlist=["effective_params"]).effective_params(p)
+    from .train import effective_params
+
+    q = effective_params(p)
     prompts = [cap.expand(t, q) for t in p["sample"]["prompts"]]
     s = p["sample"]
 

@@ -42,6 +42,9 @@ RECIPE: dict = {
     "caption_forms": {"sentence": 0.4, "tags": 0.25, "partial": 0.25, "empty": 0.1},
     "noise_offset": 0.05,
     "min_snr_gamma": 5.0,
+    "decoder_steps": 600,
+    "decoder_batch": 16,
+    "decoder_lr": 3e-4,
 }
 
 
@@ -202,6 +205,49 @@ def train_vae(vae, recipe: dict, log) -> None:
     vae.eval()
 
 
+def random_paint(rng: random.Random):
+    """A two-tone object with a mark, in random palette colours: broadens what the VAE decoder
+    can draw (a subject the VAE cannot reconstruct could never be learned). The UNet never
+    sees these, so the subjects stay new to the base."""
+    from .subjects import Subject, render_subject
+
+    colours = list(scenes.OBJECT_COLOURS.values())
+    a, b = rng.sample(colours, 2)
+    mark = rng.choice(colours + [(20, 20, 20), (245, 245, 245)])
+    sub = Subject("paint", rng.choice(scenes.SHAPES), a, b, rng.choice(("vertical", "horizontal", "diagonal")),
+                  mark, ())
+    bg = rng.choice([n for n, c in scenes.BACKGROUNDS.items() if c not in (a, b)])
+    return render_subject(sub, bg, rng.choice(scenes.POSITIONS), rng.choice(scenes.SIZES),
+                          rng.randint(-2, 2), rng.randint(-3, 3))
+
+
+def train_decoder(vae, recipe: dict, log) -> None:
+    """Phase 1b: fine-tune the decoder alone (the encoder, hence the latent space the UNet
+    learns, is unchanged) on scenes mixed half and half with random two-tone paint jobs."""
+    rng = random.Random(recipe["seed"] + 5)
+    stream = scenes.scenes(recipe["seed"] + 6, held_out=None)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.post_quant_conv.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe["decoder_lr"], weight_decay=0.0)
+    for step in range(recipe["decoder_steps"]):
+        imgs = [scenes.render(next(stream)) if k % 2 else random_paint(rng) for k in range(recipe["decoder_batch"])]
+        x = torch.stack([_to_tensor(im) for im in imgs])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe["decoder_steps"] - 1:
+            log({"phase": "decoder", "step": step, "loss": float(loss)})
+    vae.requires_grad_(False)
+    vae.eval()
+
+
 @torch.no_grad()
 def encode_scenes(vae, recipe: dict) -> tuple[torch.Tensor, list[scenes.Scene]]:
     stream = scenes.scenes(recipe["seed"] + 1, held_out=False)
@@ -280,6 +326,7 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
 
         comps["vae"] = AutoencoderKL.from_pretrained(stage / "vae")
         latents = torch.load(stage / "latents.pt")
+        t0 -= float((stage / "seconds.txt").read_text()) if (stage / "seconds.txt").exists() else 0.0
         stream = scenes.scenes(recipe["seed"] + 1, held_out=False)
         all_scenes = [next(stream) for _ in range(recipe["n_scenes"])]
         log({"phase": "vae", "cached": str(stage)})
@@ -289,8 +336,12 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
         comps["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
         comps["vae"].save_pretrained(stage / "vae")
         torch.save(latents, stage / "latents.pt")
+        (stage / "seconds.txt").write_text(f"{time.time() - t0:.0f}")
         (stage / "phase1.json").write_text(json.dumps(phase1))
     t_vae = time.time() - t0
+    t_dec = time.time()
+    train_decoder(comps["vae"], recipe, log)
+    t_dec = time.time() - t_dec
     scale = comps["vae"].config.scaling_factor
     latents = latents * scale
     log({"phase": "latents", "n": len(all_scenes), "scaling_factor": scale})
@@ -311,7 +362,7 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
     train_unet(comps, tokenizer, latents, all_scenes, recipe, log, checkpoint)
     t_unet = time.time() - t1
     save_pipeline(comps, out)
-    info = {**recipe, "vae_seconds": round(t_vae), "unet_seconds": round(t_unet),
+    info = {**recipe, "vae_seconds": round(t_vae), "decoder_seconds": round(t_dec), "unet_seconds": round(t_unet),
             "torch_threads": torch.get_num_threads()}
     (out / "recipe.json").write_text(json.dumps(info, indent=2))
     return info
