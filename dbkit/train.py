@@ -111,6 +111,10 @@ def check_combination(p: dict, family: str) -> None:
     if t["optimizer"] == "prodigy" and t["lr"] < 0.1:
         raise TrainingError(f"train.optimizer=prodigy adapts its own step size and expects train.lr≈1.0 "
                             f"(got {t['lr']}); set train.lr: 1.0 and train.text_encoder_lr: 1.0")
+    convs = [m for m in t["lora"]["unet_targets"] if m.split(".")[-1].startswith("conv")]
+    if t["method"] == "dora" and t["unet"] and convs:
+        raise TrainingError(f"train.method=dora with convolution targets {convs}: diffusers cannot load DoRA "
+                            "convolutions back (meta-device error); remove them from train.lora.unet_targets")
     if t["min_snr_gamma"] > 0 and (t["prediction"] == "edm" or family == "playground"):
         raise TrainingError("train.min_snr_gamma is defined for DDPM timesteps, not EDM's σ: set it to 0 "
                             "(EDM's λ(σ) weighting already balances noise levels)")

@@ -8,7 +8,7 @@ from dbkit import captions, config, data, export, models, sample, train
 
 METHODS = {
     "lora": [],
-    "dora": ["train.method=dora"],
+    "dora": ["train.method=dora", "train.lora.unet_targets=[to_q,to_k,to_v,to_out.0]"],
     "full": ["train.method=full"],
     "pivotal": ["train.pivotal.enabled=true"],
 }
