@@ -121,6 +121,7 @@ def preview_writer(rd: Path, p: dict, subject=None):
         if subject is not None:
             n = len(s["seeds"])
             row = {"step": step, "subject_fidelity": metrics.signature_rate(images[:n], subject),
+                   "signature_score": metrics.mean_signature(images[:n], subject),
                    "pres": metrics.signature_rate(images[-n:], subject) if len(prompts) > 2 else None,
                    "div_subject": metrics.diversity(images[:n])}
             with open(rd / "steps_curve.jsonl", "a") as f:
