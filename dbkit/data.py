@@ -98,12 +98,16 @@ def build_manifest(folder: Path, *, min_size: int = 8, max_images: int = 0) -> l
     return out
 
 
+def scale_short_side(im: Image.Image, resolution: int) -> Image.Image:
+    w, h = im.size
+    s = resolution / min(w, h)
+    return im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+
+
 def crop_resize(im: Image.Image, resolution: int, *, center: bool = True,
                 rng: np.random.Generator | None = None) -> Image.Image:
     """Scale the short side to `resolution`, then crop a square (centre or random)."""
-    w, h = im.size
-    s = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    im = scale_short_side(im, resolution)
     w, h = im.size
     if center or rng is None:
         x, y = (w - resolution) // 2, (h - resolution) // 2

@@ -224,9 +224,7 @@ def load_examples(records: list[dict], p: dict) -> list[Example]:
         elif d["center_crop"]:
             im = data.crop_resize(im, res, center=True)
         else:
-            w, h = im.size
-            s = res / min(w, h)
-            im = im.resize((max(res, round(w * s)), max(res, round(h * s))), data.Image.BICUBIC)
+            im = data.scale_short_side(im, res)
         ex = Example(data.to_tensor(im), r, bucket=bucket)
         out.append(ex)
         if d["flip"]:

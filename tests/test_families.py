@@ -30,7 +30,7 @@ def test_method_family_pair_trains_and_generates(in_tmp, family_bases, family, m
         "experiment=fam", *METHODS[method]]).params
     assert models.detect_family(base) == family
     recs = captions.build_captions(data.build_manifest(data.resolve_folder(p["data"]["instance_images"])), p)
-    class_dir, _ = sample.class_images(models.load_pipeline(base, family), str(base), p, "a star")
+    class_dir, _ = sample.class_images(lambda: models.load_pipeline(base, family), str(base), p, "a star")
     out = train.train(p, in_tmp / "run", recs, base_path=base, family=family, class_dir=class_dir, progress=False)
     meta = export.read_metadata(out)
     expected = {"sd15": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "playground": "edm"}[family]

@@ -27,8 +27,9 @@ def _setup(p: dict):
     recs = captions.build_captions(data.build_manifest(folder), p)
     class_dir = None
     if p["prior"]["enabled"]:
-        pipe = workflow.models.load_pipeline(workflow.models.resolve(p["base"]["model"]), "sd15")
-        class_dir, _ = sample.class_images(pipe, p["base"]["model"], p, captions.expand(p["prior"]["class_prompt"], p))
+        base = workflow.models.resolve(p["base"]["model"])
+        class_dir, _ = sample.class_images(lambda: workflow.models.load_pipeline(base, "sd15"), p["base"]["model"], p,
+                                           captions.expand(p["prior"]["class_prompt"], p))
     return recs, class_dir
 
 
@@ -226,3 +227,18 @@ def test_aspect_ratio_buckets_keep_shapes_and_batches_share_one(in_tmp, tiny_bas
         assert len({ex[i].bucket for i in train.batch_indices(ex, step, 2, 0, 0)}) == 1
     out = _train(p, in_tmp / "run")  # class images (square) are fitted to each batch's bucket
     assert (out / export.LORA_FILE).exists()
+
+
+def test_random_crops_are_not_cached_and_still_train(in_tmp, tiny_base):
+    from PIL import Image
+
+    folder = in_tmp / "wide"
+    folder.mkdir()
+    for k in range(2):
+        Image.new("RGB", (128, 64), (200, 30 * k, 40)).save(folder / f"{k}.png")
+    p = _params(tiny_base, f"data.instance_images={folder}", "data.center_crop=false", "prior.enabled=false")
+    ex = train.load_examples(captions.build_captions(data.build_manifest(folder), p), p)
+    assert tuple(ex[0].pixels.shape) == (3, 64, 128)  # cropped per step, not here
+    g = torch.Generator().manual_seed(0)
+    assert tuple(train.crop(ex[0].pixels, 64, g).shape) == (3, 64, 64)
+    assert (_train(p, in_tmp / "run") / export.LORA_FILE).exists()
