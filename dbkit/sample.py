@@ -29,22 +29,18 @@ def set_scheduler(pipe, name: str) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-             negative_prompt: str = "", size: int | None = None, lora_scale: float | None = None,
-             batch: int = 32, progress: bool = False) -> list[Image.Image]:
+             negative_prompt: str = "", size: int | None = None, batch: int = 32,
+             progress: bool = False) -> list[Image.Image]:
     """Images for every (prompt, seed) pair, prompt-major order."""
     pairs = [(p, s) for p in prompts for s in seeds]
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    kwargs = {}
-    if lora_scale is not None:
-        kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
     pipe.set_progress_bar_config(disable=not progress)
     out: list[Image.Image] = []
     for k in range(0, len(pairs), batch):
         chunk = pairs[k : k + batch]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
         res = pipe([p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size,
-                   **kwargs)
+                   num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size)
         out.extend(res.images)
     return out
 

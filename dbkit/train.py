@@ -301,11 +301,12 @@ def normalise_latents(vae, z: torch.Tensor) -> torch.Tensor:
 
 def epoch_indices(n: int, step: int, batch: int, seed: int, salt: int) -> list[int]:
     """Indices for one step, walking seeded per-epoch permutations (resume-safe)."""
-    out = []
+    out, perms = [], {}
     for k in range(step * batch, (step + 1) * batch):
         epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch * 31 + salt))
-        out.append(int(perm[pos]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch * 31 + salt))
+        out.append(int(perms[epoch][pos]))
     return out
 
 
