@@ -22,7 +22,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             f.write(line + "\n")
 
     overrides = json.loads(args.recipe) if args.recipe else {}
-    info = recipe.pretrain(out, overrides, log=log)
+    info = recipe.pretrain(out, overrides, log=log, start_from=Path(args.start_from) if args.start_from else None)
     log({"phase": "done", **info})
     return 0
 
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pretrain-toyworld", help="train the toy base model from scratch (fixed seed)")
     p.add_argument("--out", default="runs/pretrain-toyworld/base", help="output pipeline folder")
     p.add_argument("--recipe", default="", help='JSON overrides of the recipe, e.g. \'{"unet_steps": 100}\'')
+    p.add_argument("--start-from", default="", help="a pipeline this recipe produced through phase 2 (e.g. "
+                   "dbkit/toyworld/base): load it and run only phase 3 (continue_steps)")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("run", help="validate params, run the notebooks with papermill, write HTML reports")

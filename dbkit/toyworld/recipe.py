@@ -45,7 +45,19 @@ RECIPE: dict = {
     "decoder_steps": 600,
     "decoder_batch": 16,
     "decoder_lr": 3e-4,
+    # phase 3: more UNet + text-encoder training on fresh scenes with a new optimizer, started
+    # from phase 2's EMA weights (0 skips it). Phases 2 and 3 are separate so that a finished
+    # phase-2 model can be continued with `--start-from` instead of retrained from scratch.
+    "continue_steps": 7000,
+    "continue_lr": 3e-4,
+    "continue_warmup": 100,
+    "continue_scenes": 32000,
 }
+
+# Entries that determine the output of phases 1, 1b and 2; a `--start-from` model must match them.
+PHASE2_KEYS = ("seed", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "n_scenes", "unet_steps", "unet_batch",
+               "unet_lr", "warmup", "ema_decay", "caption_forms", "noise_offset", "min_snr_gamma", "decoder_steps",
+               "decoder_batch", "decoder_lr")
 
 
 def vae_config() -> dict:
@@ -249,9 +261,9 @@ def train_decoder(vae, recipe: dict, log) -> None:
 
 
 @torch.no_grad()
-def encode_scenes(vae, recipe: dict) -> tuple[torch.Tensor, list[scenes.Scene]]:
-    stream = scenes.scenes(recipe["seed"] + 1, held_out=False)
-    all_scenes = [next(stream) for _ in range(recipe["n_scenes"])]
+def encode_scenes(vae, seed: int, n: int) -> tuple[torch.Tensor, list[scenes.Scene]]:
+    stream = scenes.scenes(seed, held_out=False)
+    all_scenes = [next(stream) for _ in range(n)]
     latents = []
     for k in range(0, len(all_scenes), 256):
         x = torch.stack([_to_tensor(scenes.render(s)) for s in all_scenes[k : k + 256]])
@@ -260,19 +272,23 @@ def encode_scenes(vae, recipe: dict) -> tuple[torch.Tensor, list[scenes.Scene]]:
 
 
 def train_unet(components: dict, tokenizer, latents: torch.Tensor, all_scenes: list, recipe: dict,
-               log, checkpoint=None) -> torch.nn.Module:
+               log, checkpoint=None, *, phase: str = "unet", total: int | None = None, lr: float | None = None,
+               warmup: int | None = None, seed: int | None = None) -> torch.nn.Module:
+    """Train UNet + text encoder on cached latents (phase 2; phase 3 passes its own steps, lr,
+    warmup and seed). The UNet ends holding its EMA weights."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     unet, text_encoder = components["unet"], components["text_encoder"]
     noise_sched = DDPMScheduler.from_config(scheduler_config())
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe["unet_lr"], weight_decay=1e-2)
-    total = recipe["unet_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["warmup"], total))
+    total = recipe["unet_steps"] if total is None else total
+    seed = recipe["seed"] if seed is None else seed
+    opt = torch.optim.AdamW(params, lr=recipe["unet_lr"] if lr is None else lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["warmup"] if warmup is None else warmup, total))
     ema = EMAModel(unet.parameters(), decay=recipe["ema_decay"], use_ema_warmup=True)
-    rng = random.Random(recipe["seed"] + 2)
-    gen = torch.Generator().manual_seed(recipe["seed"] + 3)
+    rng = random.Random(seed + 2)
+    gen = torch.Generator().manual_seed(seed + 3)
     unet.train()
     text_encoder.train()
     t0 = time.time()
@@ -298,9 +314,9 @@ def train_unet(components: dict, tokenizer, latents: torch.Tensor, all_scenes: l
         opt.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         if step % 50 == 0 or step == total - 1:
-            log({"phase": "unet", "step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
+            log({"phase": phase, "step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
                  "elapsed_s": round(time.time() - t0, 1)})
-        if checkpoint and (step + 1) % 500 == 0 and step + 1 < total:
+        if checkpoint and (step + 1) % 1000 == 0 and step + 1 < total:
             checkpoint(step + 1, ema)
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -308,13 +324,76 @@ def train_unet(components: dict, tokenizer, latents: torch.Tensor, all_scenes: l
     return unet
 
 
-def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
-    """Run the whole recipe and save the pipeline to `out`. Returns the recipe with timings."""
-    from transformers import CLIPTokenizer
+def pretrain(out: Path, recipe: dict | None = None, log=print, start_from: Path | None = None) -> dict:
+    """Run the whole recipe and save the pipeline to `out`. Returns the recipe with timings.
 
+    `start_from` is a pipeline folder this recipe already produced up to phase 2 (its
+    recipe.json must agree on every phase-1/2 entry): phases 1–2 are then loaded, not rerun."""
     recipe = {**RECIPE, **(recipe or {})}
     torch.manual_seed(recipe["seed"])
     out.mkdir(parents=True, exist_ok=True)
+    if start_from is not None:
+        comps, info = _load_phase2(Path(start_from), recipe)
+        log({"phase": "phase2", "loaded": str(start_from)})
+    else:
+        comps, info = _phases_1_2(out, recipe, log)
+    tokenizer = _tokenizer(out)
+    if recipe["continue_steps"] > 0:
+        t3 = time.time()
+        with torch.no_grad():
+            latents, all_scenes = encode_scenes(comps["vae"], recipe["seed"] + 7, recipe["continue_scenes"])
+        latents = latents * comps["vae"].config.scaling_factor
+        train_unet(comps, tokenizer, latents, all_scenes, recipe, log, _checkpointer(comps, out, "cont", log),
+                   phase="continue", total=recipe["continue_steps"], lr=recipe["continue_lr"],
+                   warmup=recipe["continue_warmup"], seed=recipe["seed"] + 100)
+        info["continue_seconds"] = round(time.time() - t3)
+    save_pipeline(comps, out)
+    info = {**recipe, **info, "torch_threads": torch.get_num_threads()}
+    (out / "recipe.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _tokenizer(out: Path):
+    from transformers import CLIPTokenizer
+
+    tok_dir = out / "tokenizer"
+    save_tokenizer(tok_dir)
+    return CLIPTokenizer.from_pretrained(tok_dir)
+
+
+def _checkpointer(comps: dict, out: Path, tag: str, log):
+    """Saves the EMA UNet as a full pipeline every 500 steps, so a long run can be benched midway."""
+    import copy
+
+    def checkpoint(step: int, ema) -> None:
+        snap = dict(comps)
+        snap["unet"] = copy.deepcopy(comps["unet"])
+        ema.copy_to(snap["unet"].parameters())
+        save_pipeline(snap, out.parent / f"{out.name}-{tag}{step}")
+        log({"phase": "checkpoint", "tag": tag, "step": step})
+
+    return checkpoint
+
+
+def _load_phase2(path: Path, recipe: dict) -> tuple[dict, dict]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    done = json.loads((path / "recipe.json").read_text())
+    wrong = [k for k in PHASE2_KEYS if done.get(k) != recipe[k]]
+    if wrong:
+        raise ValueError(f"{path / 'recipe.json'}: phase 1–2 entries differ from this recipe ({', '.join(wrong)}); "
+                         "retrain from scratch without --start-from, or pass a matching --recipe")
+    comps = new_components(recipe["seed"])
+    comps["vae"] = AutoencoderKL.from_pretrained(path / "vae")
+    comps["unet"] = UNet2DConditionModel.from_pretrained(path / "unet")
+    comps["text_encoder"] = CLIPTextModel.from_pretrained(path / "text_encoder")
+    timings = {k: done[k] for k in ("vae_seconds", "decoder_seconds", "unet_seconds") if k in done}
+    return comps, timings
+
+
+def _phases_1_2(out: Path, recipe: dict, log) -> tuple[dict, dict]:
+    """VAE (cached beside the output), decoder fine-tune, then UNet + text encoder."""
     comps = new_components(recipe["seed"])
     t0 = time.time()
     # Phase 1 is cached beside the output (keyed by its recipe entries), so a crash or a
@@ -332,7 +411,7 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
         log({"phase": "vae", "cached": str(stage)})
     else:
         train_vae(comps["vae"], recipe, log)
-        latents, all_scenes = encode_scenes(comps["vae"], recipe)
+        latents, all_scenes = encode_scenes(comps["vae"], recipe["seed"] + 1, recipe["n_scenes"])
         comps["vae"].register_to_config(scaling_factor=float(1.0 / latents.std()))
         comps["vae"].save_pretrained(stage / "vae")
         torch.save(latents, stage / "latents.pt")
@@ -345,27 +424,10 @@ def pretrain(out: Path, recipe: dict | None = None, log=print) -> dict:
     scale = comps["vae"].config.scaling_factor
     latents = latents * scale
     log({"phase": "latents", "n": len(all_scenes), "scaling_factor": scale})
-    tok_dir = out / "tokenizer"
-    save_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-
-    def checkpoint(step: int, ema) -> None:
-        import copy
-
-        snap = dict(comps)
-        snap["unet"] = copy.deepcopy(comps["unet"])
-        ema.copy_to(snap["unet"].parameters())
-        save_pipeline(snap, out.parent / f"{out.name}-step{step}")
-        log({"phase": "checkpoint", "step": step})
-
     t1 = time.time()
-    train_unet(comps, tokenizer, latents, all_scenes, recipe, log, checkpoint)
+    train_unet(comps, _tokenizer(out), latents, all_scenes, recipe, log, _checkpointer(comps, out, "step", log))
     t_unet = time.time() - t1
-    save_pipeline(comps, out)
-    info = {**recipe, "vae_seconds": round(t_vae), "decoder_seconds": round(t_dec), "unet_seconds": round(t_unet),
-            "torch_threads": torch.get_num_threads()}
-    (out / "recipe.json").write_text(json.dumps(info, indent=2))
-    return info
+    return comps, {"vae_seconds": round(t_vae), "decoder_seconds": round(t_dec), "unet_seconds": round(t_unet)}
 
 
 def model_card(path: Path, bench: dict, load: dict) -> str:
