@@ -67,6 +67,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.resolution": (8, None, True),
     "data.repeats": (1, None, True),
     "data.max_images": (0, None, True),
+    "data.min_subject_area": (0, 1, True),
     "captions.keep_first": (0, None, True),
     "captions.dropout": (0, 1, True),
     "prior.num_images": (0, None, True),

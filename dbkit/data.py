@@ -31,10 +31,7 @@ def resolve_folder(spec: str) -> Path:
 
         name = spec.split(":", 1)[1]
         subject, _, n = name.partition("@")
-        folder = TOYWORLD_DATA / name
-        if not (folder / "metadata.jsonl").exists():
-            subjects.write_folder(subjects.get(subject), folder, int(n) if n else None)
-        return folder
+        return subjects.write_folder(subjects.get(subject), TOYWORLD_DATA / name, int(n) if n else None)
     return Path(spec)
 
 
@@ -42,10 +39,50 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; put your subject photos there or point "
                         "data.instance_images at the folder that holds them")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p))
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found; add some")
     return files
+
+
+def is_mask(path: Path) -> bool:
+    """`<stem>.mask.png` beside a photo marks its subject (white) and is not a photo itself."""
+    return path.name.lower().endswith(".mask.png")
+
+
+def subject_area(path: Path, record: dict | None) -> float | None:
+    """Share of the frame the subject covers: from `<stem>.mask.png` beside the image, else
+    the metadata record's `subject_area`; None when neither exists."""
+    mask = path.with_name(path.stem + ".mask.png")
+    if mask.exists():
+        try:
+            with Image.open(mask) as m:
+                return float((np.asarray(m.convert("L")) > 127).mean())
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{mask}: cannot read this mask ({e}); re-save it as a grey PNG (white = subject)") from e
+    if record and "subject_area" in record:
+        return float(record["subject_area"])
+    return None
+
+
+def filter_by_area(manifest: list[dict], min_area: float, source: str) -> tuple[list[dict], list[dict]]:
+    """Keep the images whose subject covers at least `min_area` of the frame (kohya users
+    drop photos where the subject is small: it then learns the context, not the subject).
+    Returns (kept, dropped); 0 keeps everything."""
+    if min_area <= 0:
+        return manifest, []
+    unknown = [r["file"] for r in manifest if r["subject_area"] is None]
+    if unknown:
+        raise DataError(f"{unknown[0]}: data.min_subject_area is set but this image's subject area is unknown; "
+                        "put a mask <stem>.mask.png beside it (white = subject) or a subject_area in "
+                        "metadata.jsonl, or set data.min_subject_area: 0")
+    kept = [r for r in manifest if r["subject_area"] >= min_area]
+    dropped = [r for r in manifest if r["subject_area"] < min_area]
+    if not kept:
+        largest = max(r["subject_area"] for r in manifest)
+        raise DataError(f"{source}: data.min_subject_area={min_area} drops every image (the largest subject "
+                        f"covers {largest:.2f} of its frame); lower it")
+    return kept, dropped
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -94,6 +131,7 @@ def build_manifest(folder: Path, *, min_size: int = 8, max_images: int = 0) -> l
             "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
             "sidecar_caption": sidecar.read_text().strip() if sidecar.exists() else None,
             "record": meta.get(f.name),
+            "subject_area": subject_area(f, meta.get(f.name)),
         })
     return out
 

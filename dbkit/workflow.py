@@ -61,14 +61,15 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
     t0 = time.time()
     p = exp.params
     folder = data.resolve_folder(p["data"]["instance_images"])
-    manifest = data.build_manifest(folder, max_images=p["data"]["max_images"])
+    manifest, dropped = data.filter_by_area(data.build_manifest(folder, max_images=p["data"]["max_images"]),
+                                            p["data"]["min_subject_area"], str(folder))
     write_jsonl(rd / "manifest.jsonl", manifest)
     if p["metrics"]["backend"] == "clip":  # a missing CLIP/DINO folder fails here, not after training
         from . import metric_backends
 
         metric_backends.check_backends(p)
     info = {"instance_dir": str(folder), "n_instance": len(manifest), "class_dir": None, "n_class": 0,
-            "class_source": None}
+            "class_source": None, "dropped_small_subject": [r["file"] for r in dropped]}
     if p["prior"]["enabled"]:
         if p["data"]["class_images"]:
             class_dir = Path(p["data"]["class_images"])

@@ -348,3 +348,17 @@ def test_with_overrides_makes_a_validated_copy(tmp_path: Path) -> None:
 def test_get_unknown_key_suggests() -> None:
     with pytest.raises(KeyError, match=r"train\.lora\.rank"):
         load(BASE).get("train.lora.rnak")
+
+
+_PARAMS = Path(__file__).resolve().parent.parent / "params"
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(_PARAMS)) for p in _PARAMS.rglob("*.yaml")))
+def test_every_shipped_params_file_and_its_variants_load(name: str) -> None:
+    from dbkit import workflow
+
+    if name == "sd15_example.yaml":
+        pytest.skip("names local SD1.5/CLIP/DINO folders that only a GPU user has")
+    exp = config.load(_PARAMS / name)
+    for _, variant in workflow.variants(exp):
+        assert variant.hash != exp.hash

@@ -67,14 +67,23 @@ def get(name: str) -> Subject:
     return SUBJECTS[name]
 
 
+def _body(subject: Subject, position: str, size: str, dx: int, dy: int) -> tuple[np.ndarray, float, float, float]:
+    """The object's mask at the renderer's 4× supersampled scale, and its centre and radius."""
+    o = scenes.SceneObject(subject.class_noun, "red", "plain", size, position, dx, dy)
+    cx, cy, r = scenes.object_geometry(o)
+    return np.asarray(scenes.shape_mask(subject.class_noun, cx, cy, r)) > 127, cx, cy, r
+
+
+def subject_area(subject: Subject, position: str, size: str, dx: int = 0, dy: int = 0) -> float:
+    """Share of the frame the subject covers in one photo (what a segmentation mask would say)."""
+    return round(float(_body(subject, position, size, dx, dy)[0].mean()), 4)
+
+
 def render_subject(subject: Subject, background: str, position: str, size: str, dx: int = 0,
                    dy: int = 0) -> Image.Image:
     """One 'photo' of the subject: its two tones and marking, at the given place."""
-    ss = 4
-    big = scenes.SIZE * ss
-    o = scenes.SceneObject(subject.class_noun, "red", "plain", size, position, dx, dy)
-    cx, cy, r = scenes.object_geometry(o)
-    body = np.asarray(scenes.shape_mask(subject.class_noun, cx, cy, r)) > 127
+    big = scenes.SIZE * 4
+    body, cx, cy, r = _body(subject, position, size, dx, dy)
     yy, xx = np.mgrid[0:big, 0:big]
     if subject.split == "vertical":
         side_a = xx < cx
@@ -114,22 +123,27 @@ def photos(subject: Subject, n: int | None = None) -> list[tuple[Image.Image, di
     for k, (bg, pos, size) in enumerate(contexts(subject, n)):
         dx, dy = (k % 3) - 1, (k % 2) * 2 - 1
         record = {"subject": subject.name, "class_noun": subject.class_noun, "background": bg,
-                  "position": pos, "size": size}
+                  "position": pos, "size": size, "subject_area": subject_area(subject, pos, size, dx, dy)}
         out.append((render_subject(subject, bg, pos, size, dx, dy), record))
     return out
 
 
 def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
-    """Write the photos as 01.png … plus metadata.jsonl (file_name + record per line)."""
+    """Write the photos as 01.png … plus metadata.jsonl (file_name + record per line).
+    A folder that already holds exactly this set is left alone; one written by an older
+    dbkit (different records) is rewritten: the folder is ours, not the user's."""
     from ..runs import atomic_write_bytes, atomic_write_text
 
+    shots = photos(subject, n)
+    lines = [json.dumps({"file_name": f"{k:02d}.png", **rec}) for k, (_, rec) in enumerate(shots, start=1)]
+    text = "\n".join(lines) + "\n"
+    meta = folder / "metadata.jsonl"
+    if meta.exists() and meta.read_text() == text:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, (img, record) in enumerate(photos(subject, n), start=1):
-        name = f"{k:02d}.png"
+    for k, (img, _) in enumerate(shots, start=1):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        atomic_write_bytes(folder / name, buf.getvalue())
-        lines.append(json.dumps({"file_name": name, **record}))
-    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
+        atomic_write_bytes(folder / f"{k:02d}.png", buf.getvalue())
+    atomic_write_text(meta, text)
     return folder
