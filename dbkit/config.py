@@ -507,23 +507,12 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
 
 
 def _check_model(src: str, model: str) -> None:
-    if model == "toyworld" or Path(model).is_dir():
-        return
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        try:
-            from huggingface_hub import try_to_load_from_cache
+    from .models import ModelError, resolve
 
-            cached = try_to_load_from_cache(model, "model_index.json")
-        except (ImportError, ValueError, OSError):  # no hub library, or an id it rejects: not cached
-            cached = None
-        if isinstance(cached, str):
-            return
-        raise ConfigError(f"{src}: 'base.model' {model!r} is neither a local folder nor in the Hugging Face "
-                          "cache, and this machine cannot download weights: download the model elsewhere "
-                          "(e.g. `huggingface-cli download <id> --local-dir <folder>`), copy it here and "
-                          "point base.model at that folder")
-    raise ConfigError(f"{src}: 'base.model' folder {model!r} does not exist (relative to {Path.cwd()}): "
-                      "use \"toyworld\", a local diffusers folder, or a cached hub id")
+    try:
+        resolve(model)
+    except ModelError as e:
+        raise ConfigError(f"{src}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- loading

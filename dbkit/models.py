@@ -11,6 +11,7 @@ Nothing is downloaded: a hub id only works when it is already in the local HF ca
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,8 @@ class ModelError(ValueError):
 
 
 def resolve(model: str) -> Path:
-    """`toyworld`, a local diffusers folder, or a hub id already in the local cache."""
+    """`toyworld`, a local diffusers folder, or a hub id already in the local cache.
+    (config.load calls this too, so a bad base.model fails before any work starts.)"""
     if model == "toyworld":
         from .toyworld import base_model_path
 
@@ -30,15 +32,21 @@ def resolve(model: str) -> Path:
     path = Path(model)
     if (path / "model_index.json").exists():
         return path
+    if path.is_dir():
+        raise ModelError(f"'base.model' folder {model!r} has no model_index.json: point base.model at a diffusers "
+                         "pipeline folder (one written by save_pretrained)")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise ModelError(f"'base.model' folder {model!r} does not exist (relative to {Path.cwd()}): "
+                         "use \"toyworld\", a local diffusers folder, or a cached hub id")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
         raise ModelError(
-            f"base.model={model!r}: not a local diffusers folder and not in the Hugging Face cache ({e}). "
-            "Weights cannot be downloaded at run time: download the model where you have network and set "
-            "base.model to its local folder."
+            f"'base.model' {model!r} is neither a local folder nor in the Hugging Face cache, and this machine "
+            "cannot download weights: download the model elsewhere (e.g. `huggingface-cli download <id> "
+            "--local-dir <folder>`), copy it here and point base.model at that folder"
         ) from e
 
 

@@ -261,6 +261,9 @@ def test_local_model_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'base\.model' 'models/sd15' is neither a local folder nor in the"):
         load(exp_file(tmp_path), ["base.model=models/sd15"])
     (tmp_path / "models" / "sd15").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"'base\.model' folder 'models/sd15' has no model_index\.json"):
+        load(exp_file(tmp_path), ["base.model=models/sd15"])
+    (tmp_path / "models" / "sd15" / "model_index.json").write_text("{}")
     assert load(exp_file(tmp_path), ["base.model=models/sd15"]).get("base.model") == "models/sd15"
 
 
