@@ -60,6 +60,25 @@ def subject_novelty(pipe, n: int = 20, *, steps: int = 25, guidance: float = 4.0
     return out
 
 
+def vae_ceiling(vae, subject, n: int = 16) -> float:
+    """Signature rate of the subject's own photos after a round trip through the base's VAE:
+    the most any fine-tune of the UNet can reach on that subject (the decoder draws every image)."""
+    import torch
+
+    from .metrics import signature_rate
+    from .toyworld import subjects
+
+    shots = subjects.photos(subject, n)
+    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im, _ in shots])
+    with torch.no_grad():
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        rec = vae.decode(z).sample.float().clamp(-1, 1)
+    from PIL import Image
+
+    images = [Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for r in rec]
+    return signature_rate(images, subject)
+
+
 def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> dict:
     """Accuracy on held-out captions and subject novelty; `card` writes the model card."""
     from .models import detect_family, load_pipeline, resolve
@@ -69,7 +88,11 @@ def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> 
     t0 = time.time()
     acc = base_accuracy(pipe, n)
     novelty = subject_novelty(pipe)
-    result = {"accuracy": acc, "subject_signature_rate": novelty, "seconds": round(time.time() - t0, 1)}
+    from .toyworld import subjects
+
+    ceiling = {name: vae_ceiling(pipe.vae, sub) for name, sub in subjects.SUBJECTS.items()}
+    result = {"accuracy": acc, "subject_signature_rate": novelty, "vae_ceiling": ceiling,
+              "seconds": round(time.time() - t0, 1)}
     if card:
         from .runs import atomic_write_text
         from .toyworld.recipe import model_card
@@ -93,7 +116,8 @@ def bench_load(model: str = "toyworld") -> dict:
             "total_s": round(t2 - t0, 2), "weights_mb": round(size / 2**20, 2)}
 
 
-def bench_dreambooth(subject: str = "duo_star", steps: int = 300, overrides: list[str] | None = None) -> dict:
+def bench_dreambooth(subject: str = "duo_star", steps: int = 300, overrides: list[str] | None = None,
+                     plain_seeds: int = 50) -> dict:
     """LoRA DreamBooth on one subject through the real data/caption/train path (no notebooks)."""
     from . import config, workflow
 
@@ -112,5 +136,14 @@ def bench_dreambooth(subject: str = "duo_star", steps: int = 300, overrides: lis
     workflow.run_training(exp, rd, progress=False)
     t2 = time.time()
     m = workflow.evaluate_run(exp, rd)
+    # the issue's figure: the signature rate of the bare "a sks <class>" prompt, on more seeds
+    # than the metrics use (they spread theirs over context prompts too)
+    from .metrics import signature_rate
+
+    pipe = workflow.trained_pipeline(exp, rd)
+    phrase = f"a {workflow.cap.subject_phrase(exp.params)}"
+    images = workflow.generator_for(pipe, exp.params)([phrase], list(range(plain_seeds)))
     return {"subject": subject, "steps": steps, "data_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
+            "plain_prompt": phrase, "plain_signature_rate": signature_rate(images, subjects.get(subject)),
+            "plain_seeds": plain_seeds, "vae_ceiling": vae_ceiling(pipe.vae, subjects.get(subject)),
             "metrics": m, "run_dir": str(rd)}

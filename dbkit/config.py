@@ -136,8 +136,15 @@ def stable_hash(obj: Any) -> str:
 
 
 def params_hash(params: dict) -> str:
-    """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`."""
-    return stable_hash({k: v for k, v in params.items() if k not in HASH_EXCLUDE})
+    """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`, plus
+    the base model's fingerprint (retrained weights in the same folder make a new run)."""
+    from .models import fingerprint
+
+    ident = {k: v for k, v in params.items() if k not in HASH_EXCLUDE}
+    model = params.get("base", {}).get("model")
+    if isinstance(model, str):
+        ident["base_fingerprint"] = fingerprint(model)
+    return stable_hash(ident)
 
 
 # ----------------------------------------------------------------------------- dotted keys

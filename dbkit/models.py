@@ -50,6 +50,31 @@ def resolve(model: str) -> Path:
         ) from e
 
 
+# Bases up to this size are fingerprinted by content; larger ones (real SD checkpoints, GBs)
+# by file names, sizes and modification times, which a re-download or an edit also changes.
+_CONTENT_HASH_LIMIT = 256 * 2**20
+
+
+def fingerprint(model: str) -> str | None:
+    """A short hash of the base model's files (None if it does not resolve): part of the run
+    identity and of cache keys, so new weights under the same name or folder never reuse
+    runs, class images or metrics made with the old ones."""
+    import hashlib
+
+    try:
+        path = resolve(model)
+    except ModelError:
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != "README.md")
+    by_content = sum(f.stat().st_size for f in files) <= _CONTENT_HASH_LIMIT
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}:".encode())
+        h.update(f.read_bytes() if by_content else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
 def detect_family(path: Path) -> str:
     index = json.loads((path / "model_index.json").read_text())
     sched = {}

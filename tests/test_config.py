@@ -365,3 +365,14 @@ def test_every_shipped_params_file_and_its_variants_load(name: str) -> None:
     exp = config.load(_PARAMS / name)
     for _, variant in workflow.variants(exp):
         assert variant.hash != exp.hash
+
+
+def test_new_weights_in_the_same_folder_change_the_run_hash(tmp_path: Path) -> None:
+    base = tmp_path / "mybase"
+    (base / "unet").mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    (base / "unet" / "w.safetensors").write_bytes(b"old weights")
+    first = load(exp_file(tmp_path), [f"base.model={base}"]).hash
+    assert load(exp_file(tmp_path), [f"base.model={base}"]).hash == first
+    (base / "unet" / "w.safetensors").write_bytes(b"new weights")
+    assert load(exp_file(tmp_path), [f"base.model={base}"]).hash != first

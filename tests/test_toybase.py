@@ -28,10 +28,10 @@ def test_shipped_weights_are_small_and_carry_a_model_card():
 
 
 def test_base_draws_held_out_captions(pipe):
-    # What this base does reliably; its shapes and positions fall short of the targets
-    # (see the model card: `dbkit bench base` measures all six attributes)
+    # the targets on a lighter sample (`dbkit bench base` measures 100 captions and
+    # all six attributes: positions are the base's known weak spot, see the model card)
     acc = bench.base_accuracy(pipe, n=30)
-    assert acc["background"] >= 0.9 and acc["colour"] >= 0.85 and acc["size"] >= 0.9, acc
+    assert acc["background"] >= 0.9 and acc["shape"] >= 0.8 and acc["colour"] >= 0.8, acc
 
 
 def test_subjects_are_new_to_the_base(pipe):
