@@ -116,7 +116,7 @@ def bench_load(model: str = "toyworld") -> dict:
             "total_s": round(t2 - t0, 2), "weights_mb": round(size / 2**20, 2)}
 
 
-def bench_dreambooth(subject: str = "duo_star", steps: int = 300, overrides: list[str] | None = None,
+def bench_dreambooth(subject: str = "eyed_heart", steps: int = 1500, overrides: list[str] | None = None,
                      plain_seeds: int = 50) -> dict:
     """LoRA DreamBooth on one subject through the real data/caption/train path (no notebooks)."""
     from . import config, workflow

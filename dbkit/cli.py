@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")
     p.add_argument("--n", type=int, default=100, help="base: number of held-out captions")
     p.add_argument("--card", action="store_true", help="base: write the figures into the model's README.md")
-    p.add_argument("--subject", default="duo_star", help="dreambooth: toy-world subject")
-    p.add_argument("--steps", type=int, default=300, help="dreambooth: training steps")
+    p.add_argument("--subject", default="eyed_heart", help="dreambooth: toy-world subject")
+    p.add_argument("--steps", type=int, default=1500, help="dreambooth: training steps")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
     p.set_defaults(func=_cmd_bench)
 

@@ -148,6 +148,20 @@ def add_pivotal_tokens(parts: Parts, p: dict) -> list[list[int]]:
     return out
 
 
+def refuse_dora_convs(unet, targets: list[str]) -> None:
+    """diffusers cannot load DoRA on convolutions back (meta-device error at inference), and
+    which targets are convolutions depends on the model (proj_in/proj_out are 1×1 convs in
+    SD1.x, linear in SD2/SDXL), so the modules themselves are checked before training."""
+    import torch.nn as nn
+
+    convs = sorted({t for name, mod in unet.named_modules() if isinstance(mod, nn.Conv2d)
+                    for t in targets if name == t or name.endswith("." + t)})
+    if convs:
+        raise TrainingError(f"train.method=dora with targets that are convolutions in this UNet {convs}: diffusers "
+                            "cannot load DoRA convolutions back (meta-device error); remove them from "
+                            "train.lora.unet_targets")
+
+
 def apply_method(parts: Parts, p: dict) -> None:
     """Mark what trains: LoRA/DoRA adapters through peft, or the full weights."""
     t = p["train"]
@@ -163,6 +177,8 @@ def apply_method(parts: Parts, p: dict) -> None:
                               init_lora_weights="gaussian", target_modules=targets, use_dora=t["method"] == "dora")
 
         if t["unet"]:
+            if t["method"] == "dora":
+                refuse_dora_convs(parts.unet, lo["unet_targets"])
             parts.unet.add_adapter(config(lo["unet_targets"]))
         if t["text_encoder"]:
             for te in parts.text_encoders:

@@ -50,6 +50,7 @@ def test_dreambooth_lora_teaches_the_base_a_subject(in_tmp):
     m = workflow.evaluate_run(exp, rd)
     base = workflow.evaluate_base(exp.params)
     assert base["subject_fidelity"] <= 0.05
-    # the subject's paint (two tones + mark) appears; the signature *rate* (≥ 0.6 per image)
-    # is still low because the toy base smears shapes, so the mean score is what is asserted
-    assert m["signature_score"] >= max(0.2, 2 * base["signature_score"]), (m, base)
+    # a light version of `dbkit bench dreambooth` (4 images per prompt, spread over context
+    # prompts): the subject's paint must clearly appear; the bench measures the rate on 50 seeds
+    assert m["signature_score"] >= max(0.4, 2 * base["signature_score"]), (m, base)
+    assert m["subject_fidelity"] >= 0.3, m

@@ -134,6 +134,16 @@ def test_impossible_combinations_fail_before_training(in_tmp, tiny_base):
         train.check_combination(p, "sd15")
 
 
+def test_dora_refuses_targets_that_are_convolutions_in_this_unet(in_tmp, tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet")
+    assert not unet.config.use_linear_projection  # SD1.x style: proj_in is a 1×1 convolution
+    with pytest.raises(TrainingError, match=r"\['proj_in'\].*unet_targets"):
+        train.refuse_dora_convs(unet, ["to_q", "proj_in"])
+    train.refuse_dora_convs(unet, ["to_q", "to_k", "ff.net.2"])
+
+
 def test_nan_loss_stops_with_a_clear_message(in_tmp, tiny_base):
     p = _params(tiny_base, "train.lr=1e30", "train.max_grad_norm=0", "train.steps=30", "prior.enabled=false")
     with pytest.raises(TrainingError, match="lower train.lr"):
