@@ -65,18 +65,14 @@ def vae_ceiling(vae, subject, n: int = 16) -> float:
     the most any fine-tune of the UNet can reach on that subject (the decoder draws every image)."""
     import torch
 
+    from .data import to_image, to_tensor
     from .metrics import signature_rate
     from .toyworld import subjects
 
-    shots = subjects.photos(subject, n)
-    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im, _ in shots])
+    x = torch.stack([to_tensor(im) for im, _ in subjects.photos(subject, n)])
     with torch.no_grad():
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-        rec = vae.decode(z).sample.float().clamp(-1, 1)
-    from PIL import Image
-
-    images = [Image.fromarray(((r.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for r in rec]
-    return signature_rate(images, subject)
+        rec = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample
+    return signature_rate([to_image(r) for r in rec], subject)
 
 
 def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> dict:

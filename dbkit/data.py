@@ -168,6 +168,12 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def to_image(t: torch.Tensor) -> Image.Image:
+    """The inverse of :func:`to_tensor` (values outside [-1, 1] are clipped)."""
+    return Image.fromarray(((t.detach().float().cpu().permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round()
+                           .byte().numpy())
+
+
 def bucket_for(width: int, height: int, resolution: int, step: int = 64) -> tuple[int, int]:
     """Aspect-ratio bucket: the (w, h), multiples of `step`, with area ≈ resolution² whose
     ratio is nearest the image's (the notes sort images by height/width ratio)."""

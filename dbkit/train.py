@@ -264,7 +264,7 @@ def fit_to(ex: Example, bucket: tuple[int, int] | None) -> Example:
     """A class image reshaped to the instance batch's bucket (encoded at the step, uncached)."""
     if bucket is None or tuple(ex.pixels.shape[1:][::-1]) == bucket:
         return ex
-    im = data.Image.fromarray(((ex.pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy())
+    im = data.to_image(ex.pixels)
     return Example(data.to_tensor(data.cover_crop(im, bucket)), ex.record, bucket=bucket)
 
 

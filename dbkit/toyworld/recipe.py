@@ -20,10 +20,10 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import to_tensor
 from . import scenes
 from .tokenizer import MAX_LENGTH, build_vocab, save_tokenizer
 
@@ -177,10 +177,6 @@ def partial_caption(scene: scenes.Scene, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------- phases
 
 
-def _to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -200,7 +196,7 @@ def train_vae(vae, recipe: dict, log) -> None:
     for step in range(recipe["vae_steps"]):
         batch = []
         for _ in range(recipe["vae_batch"]):
-            x = _to_tensor(scenes.render(next(stream)))
+            x = to_tensor(scenes.render(next(stream)))
             i, j = rng.randrange(0, 33, 4), rng.randrange(0, 33, 4)
             batch.append(x[:, i : i + 32, j : j + 32])
         x = torch.stack(batch)
@@ -245,7 +241,7 @@ def train_decoder(vae, recipe: dict, log) -> None:
     opt = torch.optim.AdamW(params, lr=recipe["decoder_lr"], weight_decay=0.0)
     for step in range(recipe["decoder_steps"]):
         imgs = [scenes.render(next(stream)) if k % 2 else random_paint(rng) for k in range(recipe["decoder_batch"])]
-        x = torch.stack([_to_tensor(im) for im in imgs])
+        x = torch.stack([to_tensor(im) for im in imgs])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
@@ -266,7 +262,7 @@ def encode_scenes(vae, seed: int, n: int) -> tuple[torch.Tensor, list[scenes.Sce
     all_scenes = [next(stream) for _ in range(n)]
     latents = []
     for k in range(0, len(all_scenes), 256):
-        x = torch.stack([_to_tensor(scenes.render(s)) for s in all_scenes[k : k + 256]])
+        x = torch.stack([to_tensor(scenes.render(s)) for s in all_scenes[k : k + 256]])
         latents.append(vae.encode(x).latent_dist.mean)
     return torch.cat(latents), all_scenes
 
