@@ -137,7 +137,8 @@ def bench_dreambooth(subject: str = "eyed_heart", steps: int = 1500, overrides: 
     from .metrics import signature_rate
 
     pipe = workflow.trained_pipeline(exp, rd)
-    phrase = f"a {workflow.cap.subject_phrase(exp.params)}"
+    # named as training named it (pivotal tokens replace the identifier)
+    phrase = f"a {workflow.cap.subject_phrase(workflow.cap.effective_params(exp.params))}"
     images = workflow.generator_for(pipe, exp.params)([phrase], list(range(plain_seeds)))
     return {"subject": subject, "steps": steps, "data_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
             "plain_prompt": phrase, "plain_signature_rate": signature_rate(images, subjects.get(subject)),

@@ -11,11 +11,28 @@ dropout) are applied per step by `train_caption`.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
 
 from .data import DataError
+
+
+def pivotal_tokens(p: dict) -> list[str]:
+    """The new tokens pivotal tuning learns, <s0>…<sN>."""
+    return [f"<s{i}>" for i in range(p["train"]["pivotal"]["tokens"])]
+
+
+def effective_params(p: dict) -> dict:
+    """Params as training and sampling use them: with pivotal tuning the identifier becomes
+    the new tokens, so every caption, preview and evaluation prompt names the subject by
+    them. Captions must be built from these params, or the new tokens never see a gradient."""
+    if not p["train"]["pivotal"]["enabled"]:
+        return p
+    q = json.loads(json.dumps(p))
+    q["captions"]["identifier"] = "".join(pivotal_tokens(p))
+    return q
 
 
 def subject_phrase(p: dict) -> str:
@@ -89,7 +106,30 @@ def caption_for(entry: dict, p: dict) -> dict:
 
 
 def build_captions(manifest: list[dict], p: dict) -> list[dict]:
-    return [caption_for(e, p) for e in manifest]
+    """Caption records of the manifest; refuses settings that would empty every caption."""
+    records = [caption_for(e, p) for e in manifest]
+    check_keep_tags(records, p)
+    return records
+
+
+def kept_tags(tags: list[str], p: dict) -> list[str]:
+    """captions.keep_tags applied to one caption's tags (the subject phrase always stays)."""
+    keep = p["captions"]["keep_tags"]
+    if not keep:
+        return list(tags)
+    wanted = set(keep) | {subject_phrase(p)}
+    return [t for t in tags if t in wanted]
+
+
+def check_keep_tags(records: list[dict], p: dict) -> None:
+    """A keep_tags list that matches no tag of any caption trains every step on an empty
+    prompt (the subject's name never appears): refuse it, listing the tags there are."""
+    if not records or any(kept_tags(r["tags"], p) for r in records):
+        return
+    tags = list(tag_frequencies(records))  # most frequent first
+    found = ", ".join(repr(t) for t in tags[:30]) + (f" … ({len(tags)} in all)" if len(tags) > 30 else "")
+    raise DataError(f"captions.keep_tags={p['captions']['keep_tags']} matches no tag of any caption, so every "
+                    f"training caption would be empty; keep some of the tags the captions have: {found}")
 
 
 def tag_frequencies(captions: list[dict]) -> dict[str, int]:
@@ -104,10 +144,7 @@ def train_caption(record: dict, p: dict, rng: random.Random) -> str:
     uses_tags = c["keep_tags"] or c["shuffle"]
     if not uses_tags:
         return record["caption"]
-    tags = list(record["tags"])
-    if c["keep_tags"]:
-        keep = set(c["keep_tags"]) | {subject_phrase(p)}
-        tags = [t for t in tags if t in keep]
+    tags = kept_tags(record["tags"], p)
     if c["shuffle"]:
         head, tail = tags[: c["keep_first"]], tags[c["keep_first"] :]
         rng.shuffle(tail)

@@ -85,12 +85,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     several GPUs. The main process prepares files; every process then trains (DDP)."""
     from accelerate import PartialState
 
-    from . import workflow
+    from . import runs, workflow
 
     state = PartialState()
     exp, rd = workflow.open_experiment(args.params, args.p)
     if state.is_main_process:
+        runs.write_provenance(rd, exp, "data")
         workflow.prepare_data(exp, rd)
+        runs.write_provenance(rd, exp, "captions")
         workflow.prepare_captions(exp, rd)
     state.wait_for_everyone()
     out = workflow.run_training(exp, rd, progress=state.is_main_process)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +137,17 @@ def stable_hash(obj: Any) -> str:
 
 def params_hash(params: dict) -> str:
     """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`, plus
-    the base model's fingerprint (retrained weights in the same folder make a new run)."""
+    the base model's fingerprint (retrained weights in the same folder make a new run) and
+    the data's (new photos, masks or captions in the same folder make a new run)."""
+    from .data import data_fingerprint
     from .models import fingerprint
 
     ident = {k: v for k, v in params.items() if k not in HASH_EXCLUDE}
     model = params.get("base", {}).get("model")
     if isinstance(model, str):
         ident["base_fingerprint"] = fingerprint(model)
+    if isinstance(params.get("data", {}).get("instance_images"), str):
+        ident["data_fingerprint"] = data_fingerprint(params)
     return stable_hash(ident)
 
 
@@ -482,8 +486,11 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
     if params["metrics"]["backend"] == "clip" and not params["metrics"]["clip_model"]:
         raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
                           "empty: point it at a local CLIP folder")
+    _check_prodigy(src, t)
+    _check_captions(src, params)
     if not check_files:
         return
+    _check_adamw8bit(src, t)
     inst = params["data"]["instance_images"]
     if not inst.startswith("toyworld:"):
         _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
@@ -500,6 +507,66 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
     if params["metrics"]["backend"] == "clip" and lpips and not Path(lpips).is_file():
         raise ConfigError(f"{src('metrics.lpips_model')}: 'metrics.lpips_model' file {lpips!r} does not exist "
                           f"(relative to {Path.cwd()}): point it at a safetensors file or leave it empty")
+
+
+def _check_prodigy(src: Callable[[str], str], t: dict) -> None:
+    """Prodigy estimates the step size itself; a group's lr only scales that estimate, so
+    it must be ≈ 1 (train.check_combination says the same at training time), and the
+    UNet and text encoder get the same one, as in diffusers' DreamBooth scripts."""
+    if t["optimizer"] != "prodigy":
+        return
+    fix = "set train.lr: 1.0 and train.text_encoder_lr: 1.0"
+    if t["lr"] < 0.1:
+        raise ConfigError(f"{src('train.lr')}: 'train.lr' is {t['lr']} but train.optimizer=prodigy adapts its own "
+                          f"step size and expects train.lr≈1.0: {fix}")
+    if t["text_encoder"] and t["text_encoder_lr"] < 0.1:
+        raise ConfigError(f"{src('train.text_encoder_lr')}: 'train.text_encoder_lr' is {t['text_encoder_lr']} but "
+                          f"train.optimizer=prodigy adapts its own step size and expects lr≈1.0: {fix}")
+    if t["unet"] and t["text_encoder"] and t["text_encoder_lr"] != t["lr"]:
+        raise ConfigError(f"{src('train.text_encoder_lr')}: 'train.text_encoder_lr' is {t['text_encoder_lr']} but "
+                          f"train.lr is {t['lr']}: train.optimizer=prodigy needs the same lr≈1.0 for the UNet and "
+                          f"the text encoder: {fix}")
+
+
+def _check_adamw8bit(src: Callable[[str], str], t: dict) -> None:
+    """bitsandbytes' 8-bit AdamW needs the package and a CUDA GPU; say so at load, not at step 0."""
+    if t["optimizer"] != "adamw8bit":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problem = "bitsandbytes is not installed (pip install bitsandbytes)"
+    elif not torch.cuda.is_available():
+        problem = "this machine has no CUDA GPU, which bitsandbytes' 8-bit AdamW needs"
+    else:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - a broken install fails in many ways
+            problem = f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+        else:
+            return
+    raise ConfigError(f"{src('train.optimizer')}: 'train.optimizer' is adamw8bit but {problem}: "
+                      "use train.optimizer: adamw")
+
+
+def _check_captions(src: Callable[[str], str], params: dict) -> None:
+    """Caption settings that would make every training caption empty. Fixed captions are
+    known now; other sources are checked when captions are built (captions.check_keep_tags)."""
+    c = params["captions"]
+    if c["dropout"] >= 1:
+        raise ConfigError(f"{src('captions.dropout')}: 'captions.dropout' is {c['dropout']}: every training "
+                          "caption would be empty and the subject's name never seen; use a value below 1 "
+                          "(0.05–0.1 is usual)")
+    if c["source"] == "fixed" and c["keep_tags"]:
+        from .captions import caption_for, check_keep_tags
+        from .data import DataError
+
+        try:
+            check_keep_tags([caption_for({"file": ""}, params)], params)
+        except DataError as e:
+            raise ConfigError(f"{src('captions.keep_tags')}: {e}") from None
 
 
 def _check_image_folder(src: str, key: str, folder: str) -> None:
@@ -675,15 +742,31 @@ class Experiment:
         return copy.deepcopy(self._parent)
 
 
+def _check_ablation(path: Path, params: dict, check_files: bool) -> None:
+    """Each ablation variant is checked across keys now, as the variant it will become: one
+    that cannot train (prodigy with a small lr, say) fails before the main run, not after."""
+    flats = [{key: v} for key, values in params["ablation"]["vary"].items() for v in values]
+    flats += list(params["ablation"]["variants"].values())
+    for flat in flats:
+        try:
+            _resolve([(path, params)], {**flat, "experiment": params["experiment"]}, check_files, top=path,
+                     override_src=f"{_show(path)} (ablation)")
+        except ConfigError as e:
+            where = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flat.items())
+            raise ConfigError(f"{_show(path)}: ablation variant {where}: {e}") from None
+
+
 def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_files: bool = True) -> Experiment:
     """Resolve and validate a params file plus overrides (``["train.lora.rank=32"]`` or a dict).
 
     Raises :class:`ConfigError` for any problem; ``check_files=False`` skips the checks
-    that look at the disk (image folders, model folders, the hub cache).
+    that look at the disk (image folders, model folders, the hub cache) and the machine
+    (adamw8bit needs bitsandbytes and CUDA).
     """
     path = Path(path)
     chain = _chain(path)
     params, name = _resolve(chain, _parse_overrides(overrides), check_files, top=path)
+    _check_ablation(path, params, check_files)
     parent = None
     if len(chain) > 1:
         # only for diffing: files the child overrides away need not exist

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where it is used: config.load fingerprints data without it
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TOYWORLD_DATA = Path("data/toyworld")
@@ -29,10 +33,15 @@ def resolve_folder(spec: str) -> Path:
     if spec.startswith("toyworld:"):
         from .toyworld import subjects
 
-        name = spec.split(":", 1)[1]
-        subject, _, n = name.partition("@")
-        return subjects.write_folder(subjects.get(subject), TOYWORLD_DATA / name, int(n) if n else None)
+        name, n = _toyworld_spec(spec)
+        return subjects.write_folder(subjects.get(name), TOYWORLD_DATA / spec.split(":", 1)[1], n)
     return Path(spec)
+
+
+def _toyworld_spec(spec: str) -> tuple[str, int | None]:
+    """`toyworld:<subject>[@n]` → (subject, n or None)."""
+    subject, _, n = spec.split(":", 1)[1].partition("@")
+    return subject, int(n) if n else None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -86,13 +95,26 @@ def filter_by_area(manifest: list[dict], min_area: float, source: str) -> tuple[
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) in RGB; errors name the file."""
+    """Open an image upright (EXIF orientation applied) in RGB, transparency composited on
+    white (see :func:`flatten_on_white`); errors name the file."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+            return flatten_on_white(im)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+
+
+def flatten_on_white(im: Image.Image) -> Image.Image:
+    """RGB of an image, its transparent parts (alpha channel, or a palette/colour key marked
+    transparent) composited on white. A plain convert("RGB") drops alpha and shows whatever
+    colour the transparent pixels store, usually black: a cut-out subject would be trained
+    on a black backdrop. White is the usual backdrop of cut-outs and product shots."""
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return im.convert("RGB")
+    rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def read_metadata(folder: Path) -> dict[str, dict]:
@@ -136,6 +158,77 @@ def build_manifest(folder: Path, *, min_size: int = 8, max_images: int = 0) -> l
     return out
 
 
+# --------------------------------------------------------------------------- content fingerprints
+# The run hash covers what a run reads, not only where from: replacing a photo, mask, caption
+# or metadata line under the same folder name makes a new run instead of reusing the old one.
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, inode) → sha256: each photo hashed once per process
+# A file written this recently may be rewritten within the clock's granularity without its
+# mtime changing (git's "racy" files), so its digest is recomputed rather than cached.
+_RACY_S = 2.0
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, cached while its size, mtime and inode stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if time.time() - st.st_mtime > _RACY_S:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def read_files(folder: Path) -> list[Path]:
+    """Every file the data path can read from an image folder: the images, their masks and
+    caption sidecars (.txt), and metadata.jsonl."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p)
+                    and p.is_file())
+    extras = [q for p in images for q in (p.with_name(p.stem + ".mask.png"), p.with_suffix(".txt"))]
+    return images + [q for q in [*extras, folder / "metadata.jsonl"] if q.is_file()]
+
+
+def _combine(digests: dict[str, str | None]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(spec: str) -> str | None:
+    """A short hash of the names and bytes of :func:`read_files` (names only, not the folder's
+    path: a copied folder keeps its fingerprint); None when there is no such folder.
+    A `toyworld:` spec is fingerprinted by the files it renders to, without writing them
+    (loading params must not write data): exactly what resolve_folder puts on disk."""
+    if spec.startswith("toyworld:"):
+        from .toyworld import subjects
+
+        name, n = _toyworld_spec(spec)
+        if name not in subjects.SUBJECTS:
+            return None
+        files = subjects.folder_files(subjects.get(name), n)
+        return _combine({f: hashlib.sha256(b).hexdigest() for f, b in files.items()})
+    folder = Path(spec)
+    if not spec or not folder.is_dir():
+        return None
+    return _combine({p.name: file_digest(p) for p in read_files(folder)})
+
+
+def data_fingerprint(p: dict) -> str | None:
+    """The data part of a run's identity: the instance folder's fingerprint, combined with the
+    class-image folder's when prior preservation reads one (generated class images follow
+    from the base and params, already in the hash). None while the instance folder is missing."""
+    d = p.get("data") or {}
+    instance = folder_fingerprint(d.get("instance_images") or "")
+    if instance is None:
+        return None
+    klass = d.get("class_images")
+    if not (klass and (p.get("prior") or {}).get("enabled")):
+        return instance
+    return _combine({"instance": instance, "class": folder_fingerprint(klass)})
+
+
 def scale_short_side(im: Image.Image, resolution: int) -> Image.Image:
     w, h = im.size
     s = resolution / min(w, h)
@@ -156,15 +249,28 @@ def crop_resize(im: Image.Image, resolution: int, *, center: bool = True,
 
 def cover_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale to cover (width, height), then centre-crop to it."""
+    im = scale_to_cover(im, size)
+    x, y = center_offset(im.size, size)
+    return im.crop((x, y, x + size[0], y + size[1]))
+
+
+def scale_to_cover(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The image scaled (aspect kept) to the smallest size that covers (width, height);
+    for a square size this is :func:`scale_short_side`."""
     w, h = size
     s = max(w / im.width, h / im.height)
-    im = im.resize((max(w, round(im.width * s)), max(h, round(im.height * s))), Image.BICUBIC)
-    x, y = (im.width - w) // 2, (im.height - h) // 2
-    return im.crop((x, y, x + w, y + h))
+    return im.resize((max(w, round(im.width * s)), max(h, round(im.height * s))), Image.BICUBIC)
+
+
+def center_offset(have: tuple[int, int], want: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of a centred (width, height) `want` crop of a `have`-sized image."""
+    return (have[0] - want[0]) // 2, (have[1] - want[1]) // 2
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """RGB image → float tensor in [-1, 1], channels first (what the VAE expects)."""
+    import torch
+
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 

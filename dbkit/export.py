@@ -34,38 +34,129 @@ def training_metadata(p: dict, family: str, base_path: Path, caption_records: li
         "prior_preservation": p["prior"]["enabled"], "subject": p["captions"]["identifier"],
         "class_noun": p["captions"]["class_noun"], "num_images": len(caption_records),
         "tag_frequency": tag_frequencies(caption_records), "seed": p["seed"],
+        "unet_targets": t["lora"]["unet_targets"] if t["unet"] else [],
+        "instance_dir_name": Path(caption_records[0]["file"]).parent.name if caption_records else "subject",
     }
 
 
+def _kohya_version(meta: dict) -> tuple[str, str]:
+    """(ss_base_model_version, modelspec.architecture) in kohya sd-scripts' vocabulary
+    (model_util.get_model_version_str_for_sd1_sd2, sdxl_model_util, sai_model_spec).
+    Playground v2.5 is an SDXL architecture; kohya has no name of its own for it."""
+    v = meta.get("objective") == "v_prediction"
+    family = meta["family"]
+    if family in ("sdxl", "playground"):
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
+    if family == "sd2":
+        return ("sd_v2_v", "stable-diffusion-v2-768-v/lora") if v else ("sd_v2", "stable-diffusion-v2-512/lora")
+    return ("sd_v1_v" if v else "sd_v1"), "stable-diffusion-v1/lora"
+
+
 def _kohya_metadata(meta: dict) -> dict[str, str]:
-    # kohya's key names, so the WebUI's and kohya's tools show the run's settings
-    return {"ss_base_model_version": meta["family"], "ss_network_module": "networks.lora",
-            "ss_network_dim": str(meta["rank"]), "ss_network_alpha": str(meta["alpha"]),
-            "ss_max_train_steps": str(meta["steps"]), "ss_resolution": str(meta["resolution"]),
+    """The ss_* header kohya writes (train_network.py) and the WebUI reads to show a LoRA's
+    settings and tags, plus the SAI modelspec keys it must have; all values are strings."""
+    version, arch = _kohya_version(meta)
+    res = meta["resolution"]
+    tags: dict[str, int] = {}
+    for tag, n in meta["tag_frequency"].items():  # kohya counts tags stripped and lower-cased
+        tags[tag.strip().lower()] = tags.get(tag.strip().lower(), 0) + n
+    convs = [t for t in meta.get("unet_targets", []) if t.split(".")[-1].startswith("conv")]
+    net_args = {"conv_dim": str(meta["rank"]), "conv_alpha": str(float(meta["alpha"]))} if convs else {}
+    return {"ss_base_model_version": version, "ss_v2": str(meta["family"] == "sd2"),
+            "ss_network_module": "networks.lora", "ss_network_dim": str(meta["rank"]),
+            "ss_network_alpha": str(float(meta["alpha"])), "ss_network_args": json.dumps(net_args),
+            "ss_max_train_steps": str(meta["steps"]), "ss_resolution": str((res, res)),
             "ss_learning_rate": str(meta["lr"]), "ss_text_encoder_lr": str(meta["text_encoder_lr"]),
-            "ss_tag_frequency": json.dumps({"subject": meta["tag_frequency"]}),
-            "ss_num_train_images": str(meta["num_images"]), "ss_seed": str(meta["seed"])}
+            "ss_tag_frequency": json.dumps({meta.get("instance_dir_name", "subject"): tags}),
+            "ss_num_train_images": str(meta["num_images"]), "ss_seed": str(meta["seed"]),
+            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": arch,
+            "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                         if version.startswith("sdxl") else "diffusers"),
+            "modelspec.title": f"dbkit {meta['subject']} {meta['class_noun']}".strip(),
+            "modelspec.resolution": f"{res}x{res}",
+            "modelspec.prediction_type": "v" if meta.get("objective") == "v_prediction" else "epsilon",
+            "dbkit_family": meta["family"]}
+
+
+def peft_state_dicts(modules: dict) -> dict[str, tuple[dict, dict]]:
+    """(LoRA tensors in PEFT's naming, LoraConfig as a dict) per module that carries an adapter.
+
+    The PEFT naming is kept as it is: diffusers' `load_lora_weights` recognises it and
+    loads every target (attention, proj, ff, conv). Converting it with
+    `convert_state_dict_to_diffusers` renames only attention keys, and the loader then
+    judges the format by the first key and drops the renamed ones. The config travels as
+    diffusers' adapter metadata so that alpha ≠ rank (and DoRA) survive the reload."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for name, m in modules.items():
+        if not getattr(m, "peft_config", None):
+            continue
+        sd = get_peft_model_state_dict(m, save_embedding_layers=False)
+        if name.startswith("text_encoder"):
+            # transformers' load_adapter matches parameter names, and a DoRA magnitude is the
+            # `.weight` of a module: without the suffix it is re-initialised on load
+            sd = {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in sd.items()}
+        # dropout is a training setting, and diffusers' loader builds its Dropout modules in
+        # training mode inside an eval-mode model: a file that records it samples noisily
+        out[name] = (sd, m.peft_config["default"].to_dict() | {"lora_dropout": 0.0})
+    return out
 
 
 def save_lora(out: Path, modules: dict, meta: dict) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
 
-    peft_sds = {name: get_peft_model_state_dict(m, save_embedding_layers=False)
-                for name, m in modules.items() if getattr(m, "peft_config", None)}
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft_sds.items()}
-    pipe_cls = StableDiffusionXLPipeline if "text_encoder_2" in modules else StableDiffusionPipeline
-    pipe_cls.save_lora_weights(out, **layers, safe_serialization=True)
-    path = out / LORA_FILE
-    save_file(load_file(path), path, metadata={"dbkit": json.dumps(meta)})
+    sds = peft_state_dicts(modules)
+    kwargs = {f"{name}_lora_layers": sd for name, (sd, _) in sds.items()}
+    kwargs |= {f"{name}_lora_adapter_metadata": cfg for name, (_, cfg) in sds.items()}
+    xl = "text_encoder_2" in modules
+    (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(out, **kwargs,
+                                                                                  safe_serialization=True)
+    add_file_metadata(out / LORA_FILE, {"dbkit": json.dumps(meta)})
     if meta["method"].startswith("dora"):
         return  # kohya's DoRA layout differs per tool; the diffusers file is the portable one
-    flat = {f"{name}.{k}": v for name, sd in peft_sds.items() for k, v in sd.items()}
-    kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(flat).items()}
-    if "text_encoder_2" not in modules:  # one text encoder: kohya calls it lora_te_ (te1/te2 are SDXL's)
-        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
-    save_file(kohya, out / KOHYA_FILE, metadata=_kohya_metadata(meta))
+    save_file(kohya_state_dict(sds, xl), out / KOHYA_FILE, metadata=_kohya_metadata(meta))
+
+
+def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add header entries to a safetensors file, keeping the ones it has (diffusers stores
+    the adapter config there)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(load_file(path), tmp, metadata=metadata | extra)
+    tmp.replace(path)
+
+
+def _kohya_prefix(name: str, xl: bool) -> str:
+    # kohya/A1111 name the text encoders after the original CLIP module path text_model.*;
+    # te1/te2 are SDXL's pair, a single encoder is lora_te
+    if name == "unet":
+        return "lora_unet_"
+    if name == "text_encoder_2":
+        return "lora_te2_text_model_"
+    return "lora_te1_text_model_" if xl else "lora_te_text_model_"
+
+
+def kohya_state_dict(sds: dict[str, tuple[dict, dict]], xl: bool) -> dict:
+    """The kohya/WebUI layout: `<prefix><module path with _>.lora_down/.lora_up.weight` and a
+    per-module `.alpha` holding the training alpha (the loaders scale by alpha / rank)."""
+    out = {}
+    for name, (sd, cfg) in sds.items():
+        prefix = _kohya_prefix(name, xl)
+        for key, v in sd.items():
+            module, _, kind = key.partition(".lora_")
+            base = prefix + module.removeprefix("text_model.").replace(".", "_")
+            if kind.startswith("A."):
+                out[f"{base}.lora_down.weight"] = v.contiguous()
+                out[f"{base}.alpha"] = torch.tensor(float(cfg["lora_alpha"]))  # dbkit sets no per-module alpha
+            elif kind.startswith("B."):
+                out[f"{base}.lora_up.weight"] = v.contiguous()
+            else:
+                raise ValueError(f"{name}.{key}: no kohya equivalent for this LoRA tensor")
+    return out
 
 
 _EMBEDDING_KEYS = ("clip_l", "clip_g")  # the names diffusers' advanced script and the WebUI use
@@ -84,7 +175,8 @@ def read_metadata(out: Path) -> dict:
 
 
 def add_embeddings(pipe, path: Path) -> list[str]:
-    """Register pivotal tokens and their vectors in a pipeline's tokenizer(s)/text encoder(s)."""
+    """Register pivotal tokens and their vectors the way diffusers' advanced DreamBooth
+    script documents it: `load_textual_inversion` per text encoder, with the token list."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -93,12 +185,8 @@ def add_embeddings(pipe, path: Path) -> list[str]:
     pairs = [(pipe.tokenizer, pipe.text_encoder),
              (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
     for key, (tok, te) in zip(_EMBEDDING_KEYS, pairs):
-        if key not in vecs or tok is None:
-            continue
-        tok.add_tokens(tokens)
-        te.resize_token_embeddings(len(tok), mean_resizing=False)
-        with torch.no_grad():
-            te.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)] = vecs[key].to(te.dtype)
+        if key in vecs and tok is not None:
+            pipe.load_textual_inversion(vecs[key], token=tokens, text_encoder=te, tokenizer=tok)
     return tokens
 
 

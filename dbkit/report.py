@@ -403,31 +403,59 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def provenance_markdown(summary: Mapping[str, Any]) -> str:
-    """What produced this report: code version, environment, params hash, seed, stage timings."""
-    prov = summary.get("provenance") or {}
-    commit = prov.get("git_commit")
-    code = "—"
-    if commit:
-        code = f"`{commit[:12]}`" + (" (uncommitted changes)" if prov.get("git_dirty") else "")
-    packages = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
+    """What produced this report: training's code, environment and start time (the model's
+    provenance, not the report's), the report's own code and time, the params hash, the data
+    fingerprint, the seed, and each stage's record and wall time."""
+    stages = _stages(summary.get("provenance"))
+    train, own = stages.get("train") or {}, stages.get("report") or {}
+    env = train or own or next(iter(stages.values()), {})  # the environment that trained, when known
+    packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
     rows = [
-        {"": "params file", "value": f"`{summary.get('params_file') or prov.get('params_file', '')}`"},
-        {"": "params hash", "value": f"`{summary.get('hash') or prov.get('params_hash', '')}`"},
-        {"": "seed", "value": prov.get("seed")},
+        {"": "params file", "value": f"`{summary.get('params_file') or env.get('params_file', '')}`"},
+        {"": "params hash", "value": f"`{summary.get('hash') or env.get('params_hash', '')}`"},
+        {"": "data fingerprint", "value": f"`{summary.get('data_fingerprint') or env.get('data_fingerprint') or ''}`"},
+        {"": "seed", "value": env.get("seed")},
         {"": "run folder", "value": f"`{summary.get('run_dir', '')}`"},
-        {"": "code", "value": code},
-        {"": "python", "value": prov.get("python")},
+        {"": "training code", "value": _code(train)},
+        {"": "training started", "value": (train.get("earlier") or [train])[0].get("timestamp")},
+        {"": "resumed from", "value": train.get("resumed_from")},
+        {"": "training finished", "value": train.get("finished")},
+        {"": "report code", "value": _code(own)},
+        {"": "report made", "value": own.get("timestamp")},
+        {"": "python", "value": env.get("python")},
         {"": "packages", "value": packages or None},
-        {"": "device", "value": prov.get("device")},
-        {"": "platform", "value": prov.get("platform")},
-        {"": "run started", "value": prov.get("timestamp")},
+        {"": "device", "value": env.get("device")},
+        {"": "platform", "value": env.get("platform")},
     ]
     out = markdown_table([r for r in rows if r["value"] not in (None, "", "``")], ["", "value"])
+    if stages:
+        srows = [{"stage": name, "code": _code(rec) or "—", "recorded": rec.get("timestamp"),
+                  "device": rec.get("device")} for name, rec in stages.items()]
+        out += "\n\n" + markdown_table(srows, ["stage", "code", "recorded", "device"])
     timings = summary.get("timings") or {}
     if timings:
         trows = [{"stage": k, "wall time": _duration(v)} for k, v in timings.items()]
         out += "\n\n" + markdown_table(trows, ["stage", "wall time"])
     return out
+
+
+def _stages(prov: Mapping[str, Any] | None) -> dict[str, dict]:
+    """Stage → provenance record, in notebook order; an older dbkit's single record (which
+    every notebook restamped) is shown as stage "unknown"."""
+    from .runs import STAGES
+
+    if not prov:
+        return {}
+    stages = dict(prov["stages"]) if "stages" in prov else {"unknown": dict(prov)}
+    order = {s: k for k, s in enumerate(STAGES)}
+    return dict(sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _code(rec: Mapping[str, Any]) -> str | None:
+    commit = rec.get("git_commit")
+    if not commit:
+        return None
+    return f"`{commit[:12]}`" + (" (uncommitted changes)" if rec.get("git_dirty") else "")
 
 
 def _duration(seconds: Any) -> str:

@@ -333,8 +333,7 @@ def run_experiment(params_path: str | Path, overrides: list[str] | None = None, 
     if missing:
         raise FileNotFoundError(f"notebook(s) not found: {', '.join(missing)}")
 
-    rdir = runs.run_dir(exp)
-    runs.write_provenance(rdir, exp)
+    rdir = runs.run_dir(exp)  # each notebook records its own stage's provenance there
     out_dir = Path(reports_root) / exp.name
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"params_path": str(params_path), "overrides": overrides, "run_dir": str(rdir)}

@@ -163,7 +163,10 @@ def _device() -> str:
 
 
 def provenance(exp: Experiment) -> dict:
-    """Everything needed to say what produced a run: code version, environment, params hash, seed."""
+    """Everything needed to say what produced a stage of a run: code version, environment,
+    params hash, data fingerprint, seed, time."""
+    from .data import data_fingerprint
+
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain")
     return {
@@ -174,17 +177,50 @@ def provenance(exp: Experiment) -> dict:
         "packages": {p: _version(p) for p in _PACKAGES},
         "device": _device(),
         "params_hash": exp.hash,
+        "data_fingerprint": data_fingerprint(exp.params),
         "seed": exp.params["seed"],
         "experiment": exp.name,
         "params_file": str(exp.path),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "timestamp": utc_now(),
     }
 
 
-def write_provenance(run_dir: Path, exp: Experiment) -> dict:
-    """Write ``provenance.json`` into the run folder (atomically) and return it."""
-    info = provenance(exp)
-    atomic_write_json(Path(run_dir) / "provenance.json", info)
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# The notebooks' stages, in order; each records its own provenance when it runs.
+STAGES = ("data", "captions", "train", "metrics", "ablations", "report")
+
+
+def write_provenance(run_dir: Path, exp: Experiment, stage: str, **extra: Any) -> dict:
+    """Record ``stage``'s provenance (plus ``extra``) in the run's ``provenance.json``,
+    keeping the other stages' records: re-running one notebook must not restamp the
+    others (a report made today says nothing about the code that trained last week).
+    Returns the stage's record."""
+    path = Path(run_dir) / "provenance.json"
+    info = read_provenance(run_dir)
+    record = provenance(exp) | extra
+    info["stages"][stage] = record
+    atomic_write_json(path, info)
+    return record
+
+
+def update_provenance(run_dir: Path, stage: str, **fields: Any) -> None:
+    """Add fields to ``stage``'s record (e.g. when training finished); no-op without one."""
+    info = read_provenance(run_dir)
+    if stage in info["stages"]:
+        info["stages"][stage].update(fields)
+        atomic_write_json(Path(run_dir) / "provenance.json", info)
+
+
+def read_provenance(run_dir: Path) -> dict:
+    """``{"stages": {stage: record}}`` from the run's provenance.json (empty when missing).
+    A file from an older dbkit holds one record, restamped by every notebook: its stage is
+    unknown, so it is kept as "unknown"."""
+    info = read_json(Path(run_dir) / "provenance.json", default={})
+    if "stages" not in info:
+        info = {"stages": {"unknown": info} if info else {}}
     return info
 
 

@@ -4,10 +4,10 @@ preservation, Min-SNR, offset noise, EMA, checkpoints with resume, previews duri
 One loop for every method, driven by the params (see params/base.yaml, section `train`).
 It runs under `accelerate launch` on several GPUs unchanged (DDP), and on a laptop CPU.
 
-Determinism: every random choice of step `s` (which images, captions, noise, timesteps,
+Determinism: every random choice of micro-batch `s` (which images, captions, noise, timesteps,
 LoRA dropout) comes from generators seeded by (seed, s, process), never from state carried
 between steps, so a run resumed from a checkpoint ends with exactly the weights of an
-uninterrupted one.
+uninterrupted one. A step is one optimizer update of train.grad_accum micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from . import captions as cap
 from . import data, diffusion
+from .captions import effective_params, pivotal_tokens
 from .runs import atomic_write_json, atomic_write_text
 
 
@@ -86,20 +87,6 @@ def load_parts(path: Path, family: str, p: dict) -> Parts:
     )
 
 
-def pivotal_tokens(p: dict) -> list[str]:
-    return [f"<s{i}>" for i in range(p["train"]["pivotal"]["tokens"])]
-
-
-def effective_params(p: dict) -> dict:
-    """Params as the loop uses them: with pivotal tuning the identifier becomes the new
-    tokens, so every caption and sample prompt names the subject by them."""
-    if not p["train"]["pivotal"]["enabled"]:
-        return p
-    q = json.loads(json.dumps(p))
-    q["captions"]["identifier"] = "".join(pivotal_tokens(p))
-    return q
-
-
 def check_combination(p: dict, family: str) -> None:
     """Refuse, before any work, combinations that cannot train."""
     t = p["train"]
@@ -126,6 +113,17 @@ def check_combination(p: dict, family: str) -> None:
                                 "or set train.log_with: none (train_log.jsonl is always written)")
     if t["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise TrainingError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+
+
+def check_pivotal_captions(records: list[dict], p: dict) -> None:
+    """Pivotal tokens learn only from captions that contain them; captions built from the
+    params before the identifier was replaced would leave them at their initialisation."""
+    if not p["train"]["pivotal"]["enabled"]:
+        return
+    tokens = "".join(pivotal_tokens(p))
+    if not any(tokens in r["caption"] for r in records):
+        raise TrainingError(f"train.pivotal.enabled but no caption contains the pivotal tokens {tokens} (first: "
+                            f"{records[0]['caption']!r}): build captions with captions.effective_params(params)")
 
 
 # --------------------------------------------------------------------------- setup
@@ -222,6 +220,11 @@ class Example:
     record: dict  # caption record {file, caption, tags} (class images: fixed class prompt)
     latent: torch.Tensor | None = None  # cached latent_dist parameters [2C, h, w]
     bucket: tuple[int, int] | None = None  # (width, height) with aspect-ratio buckets
+    # SDXL's size/crop conditioning (diffusers' train_dreambooth_lora_sdxl.py convention):
+    # the photo's (height, width) before any resize, and the (top, left) of the crop taken
+    # from the resized photo; see size_ids
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 def load_examples(records: list[dict], p: dict) -> list[Example]:
@@ -233,18 +236,18 @@ def load_examples(records: list[dict], p: dict) -> list[Example]:
     out = []
     for r in records:
         im = data.open_rgb(Path(r["file"]))
-        bucket = None
-        if d["buckets"]:
-            bucket = data.bucket_for(*im.size, res, step=64 if res >= 256 else 8)
-            im = data.cover_crop(im, bucket)
-        elif d["center_crop"]:
-            im = data.crop_resize(im, res, center=True)
-        else:
-            im = data.scale_short_side(im, res)
-        ex = Example(data.to_tensor(im), r, bucket=bucket)
+        bucket = data.bucket_for(*im.size, res, step=64 if res >= 256 else 8) if d["buckets"] else None
+        size = bucket or (res, res)
+        scaled = data.scale_to_cover(im, size)
+        crop_now = bucket is not None or d["center_crop"]  # else `random_crop` takes it at each step
+        left, top = data.center_offset(scaled.size, size) if crop_now else (0, 0)
+        pixels = scaled.crop((left, top, left + size[0], top + size[1])) if crop_now else scaled
+        ex = Example(data.to_tensor(pixels), r, bucket=bucket, original_size=(im.height, im.width),
+                     crop_top_left=(top, left))
         out.append(ex)
-        if d["flip"]:
-            out.append(Example(torch.flip(ex.pixels, dims=[2]), r, bucket=bucket))
+        if d["flip"]:  # in the mirrored photo the crop starts where the original's ended
+            mirrored = (top, scaled.width - left - pixels.width)
+            out.append(dataclasses.replace(ex, pixels=torch.flip(ex.pixels, dims=[2]), crop_top_left=mirrored))
     return out * d["repeats"]
 
 
@@ -265,14 +268,28 @@ def fit_to(ex: Example, bucket: tuple[int, int] | None) -> Example:
     if bucket is None or tuple(ex.pixels.shape[1:][::-1]) == bucket:
         return ex
     im = data.to_image(ex.pixels)
-    return Example(data.to_tensor(data.cover_crop(im, bucket)), ex.record, bucket=bucket)
+    scaled = data.scale_to_cover(im, bucket)
+    left, top = data.center_offset(scaled.size, bucket)
+    # crop, resize, crop again = one crop of the photo resized by both factors
+    s = scaled.width / im.width
+    top0, left0 = ex.crop_top_left
+    return Example(data.to_tensor(scaled.crop((left, top, left + bucket[0], top + bucket[1]))), ex.record,
+                   bucket=bucket, original_size=ex.original_size,
+                   crop_top_left=(round(top0 * s) + top, round(left0 * s) + left))
 
 
 def crop(pixels: torch.Tensor, res: int, gen: torch.Generator) -> torch.Tensor:
-    _, h, w = pixels.shape
+    return random_crop(Example(pixels, {}), res, gen).pixels
+
+
+def random_crop(ex: Example, res: int, gen: torch.Generator) -> Example:
+    """A res×res crop of the example at a place drawn from the step's generator (y, then x);
+    the offset adds to the example's own for the size/crop conditioning."""
+    _, h, w = ex.pixels.shape
     y = int(torch.randint(0, h - res + 1, (1,), generator=gen))
     x = int(torch.randint(0, w - res + 1, (1,), generator=gen))
-    return pixels[:, y : y + res, x : x + res]
+    top, left = ex.crop_top_left
+    return dataclasses.replace(ex, pixels=ex.pixels[:, y : y + res, x : x + res], crop_top_left=(top + y, left + x))
 
 
 @torch.no_grad()
@@ -291,10 +308,15 @@ def cache_latents(vae, examples: list[Example], batch: int = 64) -> None:
 
 
 def sample_latents(vae, batch: list[Example], gen: torch.Generator, res: int) -> torch.Tensor:
+    """The step's latents. Random crops are taken here, and each cropped example replaces its
+    entry in `batch` (the step's own list), so encode_text(examples=batch) sees its offset."""
     todo = [k for k, e in enumerate(batch) if e.latent is None]
     fresh = {}
     if todo:  # not cached: random crops, or class images fitted to a bucket
-        pixels = torch.stack([batch[k].pixels if batch[k].bucket else crop(batch[k].pixels, res, gen) for k in todo])
+        for k in todo:
+            if not batch[k].bucket:
+                batch[k] = random_crop(batch[k], res, gen)
+        pixels = torch.stack([batch[k].pixels for k in todo])
         with torch.no_grad():
             enc = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
         fresh = dict(zip(todo, enc))
@@ -334,14 +356,18 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
             for k, v in m.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, lr_sched, ema, keep: int) -> Path:
-    """Write checkpoint-<step>/ atomically (temp folder + rename), then apply retention."""
+def save_checkpoint(ckpt_root: Path, step: int, modules: dict, optimizer, lr_sched, ema, keep: int,
+                    grad_accum: int = 1) -> Path:
+    """Write checkpoint-<step>/ atomically (temp folder + rename), then apply retention. The
+    loop calls it between optimizer updates only: no gradient is half accumulated, so the
+    weights, optimizer, schedule and EMA are the whole state."""
     final = ckpt_root / f"checkpoint-{step:06d}"
     tmp = ckpt_root / f".tmp-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {"step": step, "params": all_params_state(modules), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None}
+             "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None,
+             "grad_accum": grad_accum}  # `step` counts updates of this many micro-batches
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -366,8 +392,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema) -> int:
+def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema, grad_accum: int = 1) -> int:
     state = torch.load(path / "state.pt", weights_only=False)
+    if state.get("grad_accum", 1) != grad_accum:  # older dbkit counted micro-batches as steps
+        raise TrainingError(f"{path} counts steps of {state.get('grad_accum', 1)} micro-batch(es), this run of "
+                            f"train.grad_accum={grad_accum}: delete {path.parent} to train afresh")
     params = dict(state["params"])
     with torch.no_grad():
         for name, m in modules.items():
@@ -388,10 +417,13 @@ def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
-def encode_text(parts: Parts, prompts: list[str], memo: dict | None, res: int) -> tuple[torch.Tensor, dict | None]:
+def encode_text(parts: Parts, prompts: list[str], memo: dict | None, res: int, *,
+                examples: list[Example] | None = None) -> tuple[torch.Tensor, dict | None]:
     """Text conditioning for the UNet: hidden states (and for SDXL-style bases the pooled
-    embedding and size/crop ids). `memo` (caption → embeddings) is used only while every
-    text encoder is frozen, so it stays correct under caption shuffling and dropout."""
+    embedding and size/crop ids, per sample from `examples`, the step's batch after
+    sample_latents; without them every sample claims a whole res×res photo). `memo`
+    (caption → embeddings) is used only while every text encoder is frozen, so it stays
+    correct under caption shuffling and dropout."""
     if memo is not None and all(pr in memo for pr in prompts):
         rows = [memo[pr] for pr in prompts]
     else:
@@ -413,9 +445,18 @@ def encode_text(parts: Parts, prompts: list[str], memo: dict | None, res: int) -
     ehs = torch.stack([e for e, _ in rows])
     if rows[0][1] is None:
         return ehs, None
-    # original size, crop top-left, target size: the whole image at training resolution
-    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * len(rows), dtype=ehs.dtype, device=ehs.device)
+    ids = [size_ids(e, res) for e in examples] if examples is not None else [[res, res, 0, 0, res, res]] * len(rows)
+    time_ids = torch.tensor(ids, dtype=ehs.dtype, device=ehs.device)
     return ehs, {"text_embeds": torch.stack([pl for _, pl in rows]), "time_ids": time_ids}
+
+
+def size_ids(ex: Example, res: int) -> list[int]:
+    """SDXL's micro-conditioning of one sample, as diffusers' SDXL scripts and pipeline order
+    it: original (height, width), crop (top, left), target (height, width) = the training
+    size (its bucket). The model learns what a crop or an upscaled small photo looks like,
+    and at inference (crop 0, original = target) draws uncropped, full-resolution images."""
+    target = (ex.bucket[1], ex.bucket[0]) if ex.bucket else (res, res)
+    return [*(ex.original_size or target), *ex.crop_top_left, *target]
 
 
 def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, random.Random]:
@@ -423,29 +464,53 @@ def step_generators(seed: int, step: int, rank: int) -> tuple[torch.Generator, r
     return torch.Generator().manual_seed(s), random.Random(s)
 
 
-def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Path, family: str,
-          class_dir: Path | None = None, log=None, progress: bool = True, max_steps: int | None = None,
-          preview=None) -> Path:
-    """Train and write the result to run_dir/output; resumes from run_dir/checkpoints.
+# --------------------------------------------------------------------------- the loop's setup
 
-    `max_steps` stops early (used by the kill-and-resume test to simulate an interruption);
-    `preview(step, pipe)` is called at `train.sample_every` with an inference pipeline.
-    """
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
+
+@dataclasses.dataclass
+class Trainer:
+    """What the training step reads, built once by `setup_training`. What changes from step
+    to step lives in the modules, the optimizer, the LR schedule and the EMA (all checkpointed)
+    and in `memo`, a cache that never changes a result."""
+
+    p: dict  # effective params
+    accel: object
+    parts: Parts  # parts.text_encoders: the encoders as the step calls them (DDP-wrapped when they train)
+    unet: torch.nn.Module  # the UNet as the step calls it (DDP-wrapped when it trains)
+    trained: list[torch.nn.Module]  # the prepared modules that train: what `accel.accumulate` keeps from syncing
+    modules: dict[str, torch.nn.Module]  # unwrapped, by name: what checkpoints, previews and the output read
+    optimizer: object
+    lr_sched: object
+    ema: object  # EMAModel or None
+    trainable: list[torch.Tensor]
+    te_params: list[torch.Tensor]
+    embs: list  # each text encoder's token embedding (pivotal tuning trains new rows of it)
+    orig_embs: list[torch.Tensor]
+    new_ids: list[list[int]]
+    instance: list[Example]
+    klass: list[Example]
+    prior_prompt: str
+    run_dir: Path
+    trackers: str | None
+    memo: dict | None = None  # caption → text embeddings, once the text side is frozen
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train_log.jsonl"
+
+
+def setup_training(p: dict, run_dir: Path, caption_records: list[dict], base_path: Path, family: str,
+                   class_dir: Path | None) -> Trainer:
+    """Everything before the first step. The order is part of the run: LoRA's initialisation
+    draws from the global RNG seeded here."""
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
-    check_combination(p, family)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    p = effective_params(p)
-    t, res = p["train"], p["data"]["resolution"]
-    trackers = None if t["log_with"] == "none" else t["log_with"]
-    reset_accelerate_state()
-    accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
-                        log_with=trackers, project_dir=str(run_dir / "logs"))
-    if trackers:
-        accel.init_trackers(p["experiment"] or "dbkit", config={"params_hash": run_dir.name})
+    t = p["train"]
+    accel, trackers = make_accelerator(p, run_dir, family)
     torch.manual_seed(p["seed"])
     parts = load_parts(base_path, family, p)
     new_ids = add_pivotal_tokens(parts, p) if t["pivotal"]["enabled"] else []
@@ -456,9 +521,47 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
         for e in embs:
             e.weight.requires_grad_(True)
     orig_embs = [e.weight.detach().clone() for e in embs]
-    dev = accel.device
-    parts.vae.to(dev)
+    parts.vae.to(accel.device)
+    instance, klass, prior_prompt = load_training_examples(p, parts.vae, caption_records, class_dir)
+    groups = param_groups(parts, embs, new_ids, t)
+    optimizer = make_optimizer(groups, t)
+    lr_sched = make_lr_schedule(optimizer, t)
+    trainable = [q for g in groups for q in g["params"]]
+    ema = EMAModel(trainable, decay=t["ema_decay"]) if t["ema_decay"] > 0 else None
+    unet, trained = prepare_modules(accel, parts)
+    modules = {"unet": accel.unwrap_model(unet)}
+    modules.update({name: accel.unwrap_model(te) for name, te in zip(parts.te_names, parts.text_encoders)})
+    te_params = groups[1]["params"]
+    return Trainer(p=p, accel=accel, parts=parts, unet=unet, trained=trained, modules=modules,
+                   optimizer=accel.prepare(optimizer), lr_sched=lr_sched, ema=ema, trainable=trainable,
+                   te_params=te_params, embs=embs, orig_embs=orig_embs, new_ids=new_ids, instance=instance,
+                   klass=klass, prior_prompt=prior_prompt, run_dir=run_dir, trackers=trackers,
+                   memo={} if not te_params and not new_ids else None)
 
+
+def make_accelerator(p: dict, run_dir: Path, family: str):
+    """The Accelerator and the tracker name (None: train_log.jsonl only)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    t = p["train"]
+    trackers = None if t["log_with"] == "none" else t["log_with"]
+    reset_accelerate_state()
+    # SDXL-style bases condition on the first text encoder's penultimate layer, so its last
+    # layer gets no gradient; DDP must be told, or the next step fails waiting for it
+    unused = family in XL_FAMILIES and t["text_encoder"]
+    accel = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
+                        log_with=trackers, project_dir=str(run_dir / "logs"),
+                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    if trackers:
+        accel.init_trackers(p["experiment"] or "dbkit", config={"params_hash": run_dir.name})
+    return accel, trackers
+
+
+def load_training_examples(p: dict, vae, caption_records: list[dict],
+                           class_dir: Path | None) -> tuple[list[Example], list[Example], str]:
+    """Instance examples, class (prior) examples and the class prompt, latents cached where
+    the pixels are the same at every step."""
     instance = load_examples(caption_records, p)
     prior_prompt = cap.expand(p["prior"]["class_prompt"], p)
     klass: list[Example] = []
@@ -467,118 +570,255 @@ def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Pat
             raise TrainingError("prior.enabled but no class images were prepared (run 01_data first)")
         recs = [{"file": str(f), "caption": prior_prompt, "tags": [prior_prompt]} for f in data.list_images(class_dir)]
         klass = load_examples(recs, {**p, "data": {**p["data"], "flip": False, "repeats": 1, "center_crop": True}})
-    if t["cache_latents"] and p["data"]["center_crop"]:  # random crops differ every step: nothing to cache
-        cache_latents(parts.vae, instance + klass)
+    if p["train"]["cache_latents"] and p["data"]["center_crop"]:  # random crops differ every step: nothing to cache
+        cache_latents(vae, instance + klass)
+    return instance, klass, prior_prompt
 
+
+def param_groups(parts: Parts, embs: list, new_ids: list[list[int]], t: dict) -> list[dict]:
+    """UNet, text encoders, pivotal embeddings: in this order, each at its own lr (groups may
+    be empty; the optimizer drops those)."""
     te_params = [q for te in parts.text_encoders for n, q in te.named_parameters()
                  if q.requires_grad and "token_embedding" not in n]
-    groups = [
+    return [
         {"params": [q for q in parts.unet.parameters() if q.requires_grad], "lr": t["lr"], "name": "unet"},
         {"params": te_params, "lr": t["text_encoder_lr"], "name": "text_encoder"},
         {"params": [e.weight for e in embs] if new_ids else [], "lr": t["pivotal"]["lr"], "name": "embeddings",
          "weight_decay": 0.0},
     ]
-    optimizer = make_optimizer(groups, t)
-    lr_sched = get_scheduler(t["lr_scheduler"], optimizer, num_warmup_steps=t["warmup_steps"] * accel.num_processes,
-                             num_training_steps=t["steps"] * accel.num_processes)
-    trainable = [q for g in groups for q in g["params"]]
-    ema = EMAModel(trainable, decay=t["ema_decay"]) if t["ema_decay"] > 0 else None
-    unet, *tes = accel.prepare(parts.unet, *parts.text_encoders)
-    optimizer, lr_sched = accel.prepare(optimizer, lr_sched)
-    modules = {"unet": accel.unwrap_model(unet)}
-    modules.update({name: accel.unwrap_model(te) for name, te in zip(parts.te_names, tes)})
-    parts.text_encoders = tes
 
-    ckpt_root = run_dir / "checkpoints"
+
+def make_lr_schedule(optimizer, t: dict):
+    """The LR schedule in optimizer updates (train.steps, train.warmup_steps), advanced by the
+    loop once per update. It is not passed through `accel.prepare`: accelerate's wrapper steps
+    the schedule num_processes times per update (it assumes a schedule sized for every
+    process's batches) and counts on its own when to skip; stepping it here keeps one rule for
+    one process, several processes and gradient accumulation."""
+    from diffusers.optimization import get_scheduler
+
+    name = t["lr_scheduler"]
+    if name == "constant" and t["warmup_steps"]:
+        name = "constant_with_warmup"  # diffusers' "constant" ignores num_warmup_steps
+    return get_scheduler(name, optimizer, num_warmup_steps=t["warmup_steps"], num_training_steps=t["steps"])
+
+
+def prepare_modules(accel, parts: Parts) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """Only modules with something to train go through `accel.prepare`: DDP refuses a module
+    without a trainable parameter (UNet-only, text-encoder-only, full fine-tuning of one part)
+    and a frozen module has no gradient to synchronise. A frozen one gets the same device
+    placement and autocast from `prepare_model(evaluation_mode=True)`, which never wraps it.
+    Returns the UNet as the step calls it and the trained modules; the text encoders as the step
+    calls them replace parts.text_encoders."""
+    trained = []
+
+    def prepare(m: torch.nn.Module) -> torch.nn.Module:
+        if not any(q.requires_grad for q in m.parameters()):
+            return accel.prepare_model(m, evaluation_mode=True)
+        m = accel.prepare(m)
+        trained.append(m)
+        return m
+
+    unet = prepare(parts.unet)
+    parts.text_encoders = [prepare(te) for te in parts.text_encoders]
+    return unet, trained
+
+
+def resume(tr: Trainer) -> int:
+    """The step to start from: the latest checkpoint's, or 0. The log loses what an
+    interrupted run wrote past that checkpoint."""
     start = 0
-    last = latest_checkpoint(ckpt_root)
+    last = latest_checkpoint(tr.ckpt_root)
     if last is not None:
-        start = load_checkpoint(last, modules, optimizer, lr_sched, ema)
-    log_path = run_dir / "train_log.jsonl"
-    if log_path.exists():  # drop what an interrupted run logged past its last checkpoint
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
-    te_stop = math.ceil(t["text_encoder_fraction"] * t["steps"])
-    ti_stop = math.ceil(t["pivotal"]["ti_fraction"] * t["steps"])
-    memo: dict | None = {} if not te_params and not new_ids else None
+        start = load_checkpoint(last, tr.modules, tr.optimizer, tr.lr_sched, tr.ema,
+                                grad_accum=tr.p["train"]["grad_accum"])
+    if tr.log_path.exists():
+        kept = [line for line in tr.log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        atomic_write_text(tr.log_path, "".join(line + "\n" for line in kept))
+    return start
+
+
+# --------------------------------------------------------------------------- the loop's step
+
+
+def optimizer_step(tr: Trainer, step: int) -> dict:
+    """Step `step`: one optimizer update from train.grad_accum micro-batches. Micro-batch k is
+    micro-step step·grad_accum + k, the key of its data, noise and dropout, so they do not
+    depend on where a run was resumed. Returns the step's log record."""
+    t, accel, n = tr.p["train"], tr.accel, tr.p["train"]["grad_accum"]
+    te_on = step < math.ceil(t["text_encoder_fraction"] * t["steps"]) and bool(tr.te_params)
+    ti_on = step < math.ceil(t["pivotal"]["ti_fraction"] * t["steps"]) and bool(tr.new_ids)
+    if tr.memo is None and not te_on and not ti_on:
+        tr.memo = {}  # text side frozen from here on: embeddings can be memoised
+    losses = []
+    for k in range(n):
+        # accelerate counts micro-batches itself and syncs gradients (DDP) on every n-th;
+        # every step starts at a multiple of n (checkpoints fall between steps), so its
+        # count and this loop's agree
+        with oom_advice(t, step), accel.accumulate(*tr.trained):
+            losses.append(micro_step(tr, step, step * n + k, te_on, ti_on))
+    if not accel.sync_gradients:
+        raise RuntimeError(f"accelerate's accumulation count is out of step with the loop at step {step}")
+    with oom_advice(t, step):
+        update(tr)
+    loss, inst, prior = (sum(x) / n for x in zip(*losses))
+    # lr: the rate after this update (the next one's), as the diffusers scripts log it; a
+    # linear schedule reads 0 at its last step
+    return {"step": step + 1, "loss": loss, "loss_instance": inst, "loss_prior": prior,
+            "lr": tr.optimizer.param_groups[0]["lr"]}
+
+
+def micro_step(tr: Trainer, step: int, micro: int, te_on: bool, ti_on: bool) -> tuple[float, float, float]:
+    """Forward and backward of one micro-batch; returns its (loss, instance, prior) losses."""
+    p, t, accel = tr.p, tr.p["train"], tr.accel
+    gen, rng = step_generators(p["seed"], micro, accel.process_index)
+    torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
+    idx = batch_indices(tr.instance, micro, t["batch_size"], p["seed"], accel.process_index)
+    batch = [tr.instance[i] for i in idx]
+    prompts = [cap.train_caption(e.record, p, rng) for e in batch]
+    if tr.klass:
+        cidx = epoch_indices(len(tr.klass), micro, t["batch_size"], p["seed"] + 1, accel.process_index)
+        batch += [fit_to(tr.klass[i], batch[0].bucket) for i in cidx]
+        prompts += [tr.prior_prompt] * len(cidx)
+    loss, l_inst, l_prior = batch_loss(tr, batch, prompts, len(idx), gen, te_on or ti_on)
+    if not torch.isfinite(loss):
+        kept = latest_checkpoint(tr.ckpt_root)
+        raise TrainingError(f"loss became {loss.item()} at step {step}: lower train.lr (now {t['lr']}) "
+                            f"or enable train.max_grad_norm; last good checkpoint: {kept}")
+    accel.backward(loss)  # divided by train.grad_accum: the update follows the mean over micro-batches
+    if not te_on:
+        for q in tr.te_params:
+            q.grad = None
+    if not ti_on and tr.new_ids:
+        for e in tr.embs:
+            e.weight.grad = None
+    return loss.item(), l_inst.item(), l_prior.item()
+
+
+def batch_loss(tr: Trainer, batch: list[Example], prompts: list[str], n_instance: int, gen: torch.Generator,
+               text_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DreamBooth loss of one batch (instance images first, then class images)."""
+    p, t, parts, dev = tr.p, tr.p["train"], tr.parts, tr.accel.device
+    sched, res = parts.noise_scheduler, p["data"]["resolution"]
+    latents = sample_latents(parts.vae, batch, gen, res).to(dev)
+    noise = torch.randn(latents.shape, generator=gen)
+    if t["noise_offset"]:
+        noise += t["noise_offset"] * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
+    noise = noise.to(dev)
+    noised = diffusion.noise_latents(sched, latents, noise, gen, parts.objective)
+    with torch.set_grad_enabled(text_grad):
+        ehs, added = encode_text(parts, prompts, None if text_grad else tr.memo, res, examples=batch)
+    with tr.accel.autocast():
+        pred = tr.unet(noised.model_input, noised.timesteps, ehs, added_cond_kwargs=added).sample
+    per = diffusion.per_sample_loss(sched, pred, latents, noise, noised, parts.objective)
+    w = diffusion.snr_weights(sched, noised.timesteps.cpu(), t["min_snr_gamma"], parts.objective)
+    return diffusion.dreambooth_loss(per, w, n_instance, p["prior"]["weight"])
+
+
+def update(tr: Trainer) -> None:
+    """The optimizer update that closes an accumulation; the LR schedule and the EMA advance
+    with it, once per update."""
+    t, accel = tr.p["train"], tr.accel
+    if t["max_grad_norm"] > 0:
+        accel.clip_grad_norm_([q for q in tr.trainable if q.grad is not None], t["max_grad_norm"])
+    tr.optimizer.step()
+    if not accel.optimizer_step_was_skipped:  # fp16 overflow skipped the update: the schedule waits for it
+        tr.lr_sched.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.new_ids:
+        restore_vocabulary(tr.embs, tr.orig_embs, tr.new_ids)
+    if tr.ema is not None:
+        tr.ema.step(tr.trainable)
+
+
+def record_step(tr: Trainer, rec: dict, log, bar) -> None:
+    """A step's record to the trackers, train_log.jsonl, the caller's `log` and the bar."""
+    if tr.trackers:
+        tr.accel.log(rec, step=rec["step"])
+    if tr.accel.is_main_process:
+        with open(tr.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if log:
+            log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+
+def train(p: dict, run_dir: Path, caption_records: list[dict], *, base_path: Path, family: str,
+          class_dir: Path | None = None, log=None, progress: bool = True, max_steps: int | None = None,
+          preview=None) -> Path:
+    """Train and write the result to run_dir/output; resumes from run_dir/checkpoints.
+
+    A step is one optimizer update, made of train.grad_accum micro-batches of train.batch_size
+    (as --max_train_steps counts in the diffusers and kohya scripts): train.steps, warmup_steps,
+    save_every, sample_every, the text-encoder and pivotal fractions, `max_steps` and the log
+    all count updates. Checkpoints fall between updates, so a resumed run never starts inside
+    an accumulation.
+
+    `max_steps` stops early (used by the kill-and-resume test to simulate an interruption);
+    `preview(step, pipe)` is called at `train.sample_every` with an inference pipeline.
+    """
+    from tqdm.auto import tqdm
+
+    check_combination(p, family)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p = effective_params(p)
+    check_pivotal_captions(caption_records, p)
+    tr = setup_training(p, run_dir, caption_records, base_path, family, class_dir)
+    t, accel, parts, modules, ema = p["train"], tr.accel, tr.parts, tr.modules, tr.ema
+    start = resume(tr)
     end = t["steps"] if max_steps is None else min(t["steps"], max_steps)
     bar = tqdm(range(start, end), initial=start, total=t["steps"], desc="train", disable=not progress)
     t0 = time.time()
-    sched = parts.noise_scheduler
     for step in bar:
-        gen, rng = step_generators(p["seed"], step, accel.process_index)
-        torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
-        te_on = step < te_stop and bool(te_params)
-        ti_on = step < ti_stop and bool(new_ids)
-        if memo is None and not te_on and not ti_on:
-            memo = {}  # text side frozen from here on: embeddings can be memoised
-        idx = batch_indices(instance, step, t["batch_size"], p["seed"], accel.process_index)
-        batch = [instance[i] for i in idx]
-        prompts = [cap.train_caption(e.record, p, rng) for e in batch]
-        if klass:
-            cidx = epoch_indices(len(klass), step, t["batch_size"], p["seed"] + 1, accel.process_index)
-            batch += [fit_to(klass[i], batch[0].bucket) for i in cidx]
-            prompts += [prior_prompt] * len(cidx)
-        with oom_advice(t, step), accel.accumulate(unet, *tes):
-            latents = sample_latents(parts.vae, batch, gen, res).to(dev)
-            noise = torch.randn(latents.shape, generator=gen)
-            if t["noise_offset"]:
-                noise += t["noise_offset"] * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
-            noise = noise.to(dev)
-            noised = diffusion.noise_latents(sched, latents, noise, gen, parts.objective)
-            with torch.set_grad_enabled(te_on or ti_on):
-                ehs, added = encode_text(parts, prompts, None if (te_on or ti_on) else memo, res)
-            with accel.autocast():
-                pred = unet(noised.model_input, noised.timesteps, ehs, added_cond_kwargs=added).sample
-            per = diffusion.per_sample_loss(sched, pred, latents, noise, noised, parts.objective)
-            w = diffusion.snr_weights(sched, noised.timesteps.cpu(), t["min_snr_gamma"], parts.objective)
-            loss, l_inst, l_prior = diffusion.dreambooth_loss(per, w, len(idx), p["prior"]["weight"])
-            if not torch.isfinite(loss):
-                kept = latest_checkpoint(ckpt_root)
-                raise TrainingError(f"loss became {loss.item()} at step {step}: lower train.lr (now {t['lr']}) "
-                                    f"or enable train.max_grad_norm; last good checkpoint: {kept}")
-            accel.backward(loss)
-            if not te_on:
-                for q in te_params:
-                    q.grad = None
-            if not ti_on and new_ids:
-                for e in embs:
-                    e.weight.grad = None
-            if accel.sync_gradients and t["max_grad_norm"] > 0:
-                accel.clip_grad_norm_([q for q in trainable if q.grad is not None], t["max_grad_norm"])
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if new_ids:
-                restore_vocabulary(embs, orig_embs, new_ids)
-        if ema is not None:
-            ema.step(trainable)
-        rec = {"step": step + 1, "loss": loss.item(), "loss_instance": l_inst.item(), "loss_prior": l_prior.item(),
-               "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 2)}
-        if trackers:
-            accel.log(rec, step=step + 1)
-        if accel.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if log:
-                log(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        rec = optimizer_step(tr, step) | {"elapsed_s": round(time.time() - t0, 2)}
+        record_step(tr, rec, log, bar)
         done = step + 1
         if accel.is_main_process and t["save_every"] and done % t["save_every"] == 0 and done < t["steps"]:
-            save_checkpoint(ckpt_root, done, modules, optimizer, lr_sched, ema, t["keep_checkpoints"])
-        if accel.is_main_process and preview and t["sample_every"] and done % t["sample_every"] == 0:
-            preview(done, inference_pipeline(parts, modules, base_path))
-    if trackers:
+            save_checkpoint(tr.ckpt_root, done, modules, tr.optimizer, tr.lr_sched, ema, t["keep_checkpoints"],
+                            grad_accum=t["grad_accum"])
+        if accel.is_main_process and preview and preview_due(t, done) and not (ema and done == t["steps"]):
+            draw_preview(preview, done, parts, modules, base_path, p)
+    if tr.trackers:
         accel.end_training()
     if end < t["steps"]:
         return run_dir  # stopped early on purpose (max_steps)
     accel.wait_for_everyone()
     if ema is not None:
-        ema.copy_to(trainable)
+        ema.copy_to(tr.trainable)
+        if accel.is_main_process and preview and preview_due(t, t["steps"]):  # the weights that are saved
+            draw_preview(preview, t["steps"], parts, modules, base_path, p)
     out = run_dir / "output"
     if accel.is_main_process:
-        save_output(out, parts, modules, p, family, base_path, caption_records, new_ids)
+        save_output(out, parts, modules, p, family, base_path, caption_records, tr.new_ids)
     return out
+
+
+def preview_due(t: dict, done: int) -> bool:
+    """Previews every train.sample_every steps, and always at the last step: the final
+    preview is the trained model's picture, the one the evaluation must reproduce."""
+    return bool(t["sample_every"]) and (done % t["sample_every"] == 0 or done == t["steps"])
+
+
+def draw_preview(preview, step: int, parts: Parts, modules: dict, base_path: Path, p: dict) -> None:
+    with sampling_mode(modules, p["sample"]["lora_scale"]):
+        preview(step, inference_pipeline(parts, modules, base_path))
+
+
+@contextlib.contextmanager
+def sampling_mode(modules: dict, lora_scale: float):
+    """The live modules as evaluation loads them: eval mode (no LoRA dropout) and LoRA at
+    sample.lora_scale; training mode and scale are restored afterwards."""
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    was = {name: m.training for name, m in modules.items()}
+    for m in modules.values():
+        m.eval()
+        scale_lora_layers(m, lora_scale)
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            unscale_lora_layers(m, lora_scale)
+            m.train(was[name])
 
 
 def reset_accelerate_state() -> None:

@@ -10,6 +10,7 @@ functions without Jupyter.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -20,12 +21,15 @@ from .runs import atomic_write_bytes, atomic_write_json, atomic_write_text, read
 
 
 def open_experiment(params_path: str, overrides: list[str] | None = None,
-                    run_dir: str = "") -> tuple[config.Experiment, Path]:
-    """Load and validate the params, find (or create) the run folder, record provenance."""
+                    run_dir: str = "", stage: str = "") -> tuple[config.Experiment, Path]:
+    """Load and validate the params, find (or create) the run folder, and record `stage`'s
+    provenance (the notebook's: data, captions, ablations, report). Training records its own
+    in run_training, only when it actually trains, so 03_train passes no stage."""
     exp = config.load(params_path, overrides or [])
     rd = Path(run_dir) if run_dir else runs.run_dir(exp)
     rd.mkdir(parents=True, exist_ok=True)
-    runs.write_provenance(rd, exp)
+    if stage:
+        runs.write_provenance(rd, exp, stage)
     return exp, rd
 
 
@@ -94,7 +98,7 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
 def prepare_captions(exp: config.Experiment, rd: Path) -> list[dict]:
     """Captions from the configured source → captions.jsonl and tag_frequencies.json."""
     manifest = read_jsonl(rd / "manifest.jsonl")
-    records = cap.build_captions(manifest, exp.params)
+    records = cap.build_captions(manifest, cap.effective_params(exp.params))
     write_jsonl(rd / "captions.jsonl", records)
     atomic_write_json(rd / "tag_frequencies.json", cap.tag_frequencies(records))
     return records
@@ -105,16 +109,15 @@ def prepare_captions(exp: config.Experiment, rd: Path) -> list[dict]:
 
 def preview_writer(rd: Path, p: dict, subject=None):
     """Callback for the trainer: samples at fixed prompts/seeds (and, on the toy world,
-    the subject-fidelity curve) at every `train.sample_every` steps."""
-    from .train import effective_params
-
-    q = effective_params(p)
+    the subject-fidelity curve) at every `train.sample_every` steps and at the last."""
+    q = cap.effective_params(p)
     prompts = [cap.expand(t, q) for t in p["sample"]["prompts"]]
     s = p["sample"]
 
     def preview(step: int, pipe) -> None:
-        images = sample.generate(pipe, prompts, s["seeds"], steps=s["steps"], guidance=s["guidance"],
-                                 negative_prompt=s["negative_prompt"], size=p["base"]["resolution"])
+        # the evaluation's own sampler (scheduler, steps, guidance, size): the last preview
+        # is the picture the evaluation of the saved output draws for this prompt and seed
+        images = generator_for(pipe, p)(prompts, s["seeds"])
         folder = rd / "samples" / f"step_{step:06d}"
         for k, im in enumerate(images):
             pi, si = divmod(k, len(s["seeds"]))
@@ -147,13 +150,33 @@ def run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) -> 
     path, family = base_of(p)
     if not (rd / "checkpoints").exists():
         (rd / "steps_curve.jsonl").unlink(missing_ok=True)
+    record_training_provenance(exp, rd)
     t0 = time.time()
     out = train.train(p, rd, records, base_path=path, family=family,
                       class_dir=Path(info["class_dir"]) if info["class_dir"] else None, progress=progress,
                       preview=preview_writer(rd, p, subject_of(p)))
     runs.record_timing(rd, "train", time.time() - t0)
     atomic_write_json(rd / "train_done.json", {"hash": exp.hash, "seconds": round(time.time() - t0, 1)})
+    if _is_main_process():
+        runs.update_provenance(rd, "train", finished=runs.utc_now())
     return out
+
+
+def record_training_provenance(exp: config.Experiment, rd: Path) -> None:
+    """The "train" stage's provenance, written when training starts (never when a finished
+    run is reused). A resumed run was trained by more than one session: the record names the
+    checkpoint it resumed from and keeps the earlier sessions' records."""
+    if not _is_main_process():
+        return  # one record per run, not one per DDP process
+    ckpts = sorted((rd / "checkpoints").glob("checkpoint-*")) if (rd / "checkpoints").exists() else []
+    earlier = runs.read_provenance(rd)["stages"].get("train") if ckpts else None
+    history = (earlier.pop("earlier", []) + [earlier]) if earlier else []
+    runs.write_provenance(rd, exp, "train", resumed_from=ckpts[-1].name if ckpts else None, earlier=history)
+
+
+def _is_main_process() -> bool:
+    # torchrun/accelerate launch set RANK; a plain process is the main one
+    return os.environ.get("RANK", "0") == "0"
 
 
 def trained_pipeline(exp: config.Experiment, rd: Path):
@@ -175,9 +198,7 @@ def generator_for(pipe, p: dict):
 def _evaluate(p: dict, pipe) -> dict | None:
     """Metrics of one model with the configured backend: the toy oracle (exact, toy subjects
     only) or CLIP/DINO/LPIPS-ViT from local paths (any subject: compared to its real photos)."""
-    from .train import effective_params
-
-    q = effective_params(p)
+    q = cap.effective_params(p)
     seeds = list(range(100, 100 + p["metrics"]["num_per_prompt"]))
     phrase, noun = cap.subject_phrase(q), p["captions"]["class_noun"]
     if p["metrics"]["backend"] == "clip":
@@ -199,18 +220,19 @@ def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
         return None
     result = _evaluate(exp.params, pipe or trained_pipeline(exp, rd))
     atomic_write_json(rd / "metrics.json", result)
+    runs.write_provenance(rd, exp, "metrics")
     return result
 
 
 def evaluate_base(p: dict) -> dict | None:
     """The same metrics for the untouched base (cached: it depends only on base + prompts)."""
-    from .train import effective_params
-
     if subject_of(p) is None and p["metrics"]["backend"] != "clip":
         return None
     path, family = base_of(p)
+    # the clip backend compares with the real photos: new photos in the same folder, new metrics
     key = {"base": str(path), "fingerprint": models.fingerprint(str(path)),
-           "instance": p["data"]["instance_images"], "captions": effective_params(p)["captions"],
+           "instance": p["data"]["instance_images"], "data": data.data_fingerprint(p),
+           "captions": cap.effective_params(p)["captions"],
            "sample": p["sample"], "metrics": p["metrics"], "res": p["base"]["resolution"], "v": 2}
     cached = runs.cache_path("base_metrics", key) / "metrics.json"
     if (hit := read_json(cached)) is not None:
@@ -238,8 +260,9 @@ def variants(exp: config.Experiment) -> list[tuple[str, config.Experiment]]:
 
 def train_variant(vexp: config.Experiment, *, progress: bool = True) -> tuple[Path, dict | None]:
     vrd = runs.run_dir(vexp)
-    runs.write_provenance(vrd, vexp)
+    runs.write_provenance(vrd, vexp, "data")
     prepare_data(vexp, vrd)
+    runs.write_provenance(vrd, vexp, "captions")
     prepare_captions(vexp, vrd)
     run_training(vexp, vrd, progress=progress)
     # metrics.* and sample.* are in the params hash, so a metrics.json in this folder is current
@@ -250,8 +273,6 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     """Train every variant, then draw the same prompts × seeds for the base, the main run
     and each variant: one grid per prompt (row = model, column = seed), plus metrics."""
     from . import report
-    from .train import effective_params
-
     p = exp.params
     rows: list[dict] = [{"label": "base", "run_dir": None, "metrics": evaluate_base(p)}]
     main_metrics = read_json(rd / "metrics.json") or evaluate_run(exp, rd)
@@ -264,7 +285,7 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     pipes = [models.load_pipeline(path, family)] + [
         export.load_trained(Path(r["run_dir"]) / "output", path, family, lora_scale=s["lora_scale"])
         for r in rows[1:]]
-    q = effective_params(p)
+    q = cap.effective_params(p)
     prompts = [cap.expand(t, q) for t in s["prompts"]]
     grids = []
     per_model = [generator_for(pipe, p)(prompts, s["seeds"]) for pipe in pipes]
@@ -299,6 +320,13 @@ def key_metrics(rows: list[dict]) -> dict:
     return out
 
 
+def data_fingerprint_of(exp: config.Experiment, rd: Path) -> str | None:
+    """The data fingerprint the model was trained on (training's provenance), else today's
+    (it is part of the params hash, so both agree for a run folder named by that hash)."""
+    trained = runs.read_provenance(rd)["stages"].get("train") or {}
+    return trained.get("data_fingerprint") or data.data_fingerprint(exp.params)
+
+
 def summarise(exp: config.Experiment, rd: Path) -> dict:
     """Everything the report shows, gathered from the run folder's files."""
     ab = read_json(rd / "ablation.json") or {"rows": [], "grids": [], "vary": {}}
@@ -316,7 +344,8 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "grids": ab["grids"],
         "metrics": key_metrics(ab["rows"]),
         "rank_by": "subject_fidelity" if exp.params["metrics"]["backend"] == "oracle" else "dino",
-        "provenance": read_json(rd / "provenance.json"),
+        "provenance": runs.read_provenance(rd),
+        "data_fingerprint": data_fingerprint_of(exp, rd),
         "timings": read_json(rd / "timings.json"),
         "data": read_json(rd / "data.json"),
         "run_dir": str(rd),

@@ -376,3 +376,60 @@ def test_new_weights_in_the_same_folder_change_the_run_hash(tmp_path: Path) -> N
     assert load(exp_file(tmp_path), [f"base.model={base}"]).hash == first
     (base / "unet" / "w.safetensors").write_bytes(b"new weights")
     assert load(exp_file(tmp_path), [f"base.model={base}"]).hash != first
+
+
+# ----------------------------------------------------------------------------- fail early: settings that cannot train
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.optimizer=prodigy"],
+     r"base\.yaml: 'train\.lr' is 0\.002 but train\.optimizer=prodigy adapts its own step size .*train\.lr: 1\.0"),
+    (["train.optimizer=prodigy", "train.lr=1.0"],
+     r"^x\.yaml: 'train\.text_encoder_lr' is 0\.0004 but train\.optimizer=prodigy .* expects lr≈1\.0"),
+    (["train.optimizer=prodigy", "train.lr=1.0", "train.text_encoder_lr=0.5"],
+     r"^command line: 'train\.text_encoder_lr' is 0\.5 but train\.lr is 1\.0: .*same lr≈1\.0 for the UNet and the "
+     r"text encoder"),
+    (["captions.dropout=1"], r"^command line: 'captions\.dropout' is 1\.0: every training caption would be empty"),
+    (["captions.keep_tags=[blurry]"],
+     r"^command line: captions\.keep_tags=\['blurry'\] matches no tag .*: 'a sks star'$"),
+])
+def test_settings_that_cannot_train_fail_at_load_naming_the_key(tmp_path: Path, overrides: list[str],
+                                                                 message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(exp_file(tmp_path, train={"text_encoder_lr": 0.0004}), overrides)
+
+
+def test_prodigy_with_equal_lrs_or_one_trained_part_loads(tmp_path: Path) -> None:
+    assert load(exp_file(tmp_path), ["train.optimizer=prodigy", "train.lr=1.0", "train.text_encoder_lr=1.0"])
+    # the text encoder is not trained: its lr does not matter
+    assert load(exp_file(tmp_path), ["train.optimizer=prodigy", "train.lr=1.0", "train.text_encoder=false"])
+    # a fixed caption that keep_tags keeps
+    assert load(exp_file(tmp_path), ["captions.instance_prompt={subject}", "captions.keep_tags=[blurry]"])
+
+
+def test_adamw8bit_needs_bitsandbytes_and_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^command line: 'train\.optimizer' is adamw8bit but bitsandbytes is "
+                                          r"not installed .*use train\.optimizer: adamw$"):
+        load(exp_file(tmp_path), ["train.optimizer=adamw8bit"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"'train\.optimizer' is adamw8bit but this machine has no CUDA GPU"):
+        load(exp_file(tmp_path), ["train.optimizer=adamw8bit"])
+    # the machine is not checked on request (params written here, trained elsewhere)
+    assert load(exp_file(tmp_path), ["train.optimizer=adamw8bit"], check_files=False)
+
+
+def test_an_ablation_variant_that_cannot_train_fails_at_load(tmp_path: Path) -> None:
+    path = exp_file(tmp_path, ablation={"variants": {"fast": {"train.optimizer": "prodigy"}}})
+    with pytest.raises(ConfigError, match=r"^x\.yaml: ablation variant train\.optimizer=\"prodigy\": .*'train\.lr' is "
+                                          r"0\.002 but train\.optimizer=prodigy"):
+        load(path)
+    with pytest.raises(ConfigError, match=r"ablation variant captions\.dropout=1\.0: .*'captions\.dropout' is 1\.0"):
+        load(exp_file(tmp_path, ablation={"vary": {"captions.dropout": [0.1, 1.0]}}))

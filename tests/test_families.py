@@ -29,14 +29,15 @@ def test_method_family_pair_trains_and_generates(in_tmp, family_bases, family, m
         "train.save_every=0", "train.sample_every=0", "prior.enabled=true", "prior.num_images=1", "prior.steps=2",
         "experiment=fam", *METHODS[method]]).params
     assert models.detect_family(base) == family
-    recs = captions.build_captions(data.build_manifest(data.resolve_folder(p["data"]["instance_images"])), p)
+    recs = captions.build_captions(data.build_manifest(data.resolve_folder(p["data"]["instance_images"])),
+                                   captions.effective_params(p))
     class_dir, _ = sample.class_images(lambda: models.load_pipeline(base, family), str(base), p, "a star")
     out = train.train(p, in_tmp / "run", recs, base_path=base, family=family, class_dir=class_dir, progress=False)
     meta = export.read_metadata(out)
     expected = {"sd15": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "playground": "edm"}[family]
     assert meta["objective"] == expected and meta["family"] == family
     pipe = export.load_trained(out, base, family)
-    prompt = captions.expand("a {subject}", train.effective_params(p))
+    prompt = captions.expand("a {subject}", captions.effective_params(p))
     images = sample.generate(pipe, [prompt], [0], steps=2, guidance=2.0, size=32)
     assert images[0].size == (32, 32)
 

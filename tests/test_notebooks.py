@@ -50,7 +50,18 @@ def test_all_five_notebooks_run_through_papermill(in_tmp, tiny_base):
     assert "workflow.summarise" not in index  # rendered without code cells
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experiment"] == "nbtest" and "subject_fidelity" in summary["metrics"]
+    # each notebook recorded its own stage; training's record is the one the report shows
+    stages = summary["provenance"]["stages"]
+    assert set(stages) == {"data", "captions", "train", "metrics", "ablations", "report"}
+    assert stages["train"]["timestamp"] <= stages["report"]["timestamp"] and stages["train"]["finished"]
+    assert summary["data_fingerprint"] == stages["train"]["data_fingerprint"]
+    assert f"<code>{summary['data_fingerprint']}</code>" in index and "training started" in index
     assert "nbtest" in (in_tmp / "reports" / "index.html").read_text()
     # the same run folder is reused: a second run does not retrain
     runs = list((in_tmp / "runs" / "nbtest").iterdir())
     assert len(runs) == 1 and (runs[0] / "train_done.json").exists()
+    # re-running only the report restamps the report, never training or the other stages
+    runner.run_experiment(params, [], reports_root=in_tmp / "reports", notebooks_dir=ROOT / "notebooks",
+                          only=["05_report"])
+    again = json.loads((runs[0] / "provenance.json").read_text())["stages"]
+    assert {k: v for k, v in again.items() if k != "report"} == {k: v for k, v in stages.items() if k != "report"}

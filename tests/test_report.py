@@ -151,8 +151,13 @@ def test_summary_and_provenance_markdown() -> None:
         "notes": {"hypothesis": "LoRA learns the duo star.", "conclusion": ""},
         "metrics": {"subject_fidelity": 0.9, "best": "demo"}, "rank_by": "subject_fidelity",
         "diff": {"train.lora.rank": [8, 32]}, "vary": {"prior.enabled": [False]},
-        "provenance": {"git_commit": "0123456789abcdef", "git_dirty": True, "python": "3.11.9", "seed": 0,
-                       "packages": {"torch": "2.4.0", "peft": None}},
+        "data_fingerprint": "d" * 16,
+        "provenance": {"stages": {
+            "report": {"git_commit": "fedcba9876543210", "git_dirty": False, "timestamp": "2024-02-02T00:00:00+00:00",
+                       "python": "3.12.1", "device": "cpu"},
+            "train": {"git_commit": "0123456789abcdef", "git_dirty": True, "python": "3.11.9", "seed": 0,
+                      "packages": {"torch": "2.4.0", "peft": None}, "device": "NVIDIA H100",
+                      "timestamp": "2024-01-01T00:00:00+00:00", "finished": "2024-01-01T01:00:00+00:00"}}},
         "timings": {"01_data": 1.25, "train": 125.0},
     }
     head = report.summary_markdown(summary)
@@ -161,10 +166,20 @@ def test_summary_and_provenance_markdown() -> None:
     assert "| `train.lora.rank` | `8` | `32` |" in head and "- `prior.enabled`: `false`" in head
 
     prov = report.provenance_markdown(summary)
-    assert "| code | `0123456789ab` (uncommitted changes) |" in prov
+    # the model's provenance is training's, not the report's; the report's own is shown beside it
+    assert "| training code | `0123456789ab` (uncommitted changes) |" in prov
+    assert "| training started | 2024-01-01T00:00:00+00:00 |" in prov
+    assert "| training finished | 2024-01-01T01:00:00+00:00 |" in prov
+    assert "| report code | `fedcba987654` |" in prov and "| report made | 2024-02-02T00:00:00+00:00 |" in prov
+    assert "| python | 3.11.9 |" in prov and "| device | NVIDIA H100 |" in prov
+    assert "| data fingerprint | `dddddddddddddddd` |" in prov
     assert "| packages | torch 2.4.0 |" in prov and "| seed | 0 |" in prov
+    assert prov.index("| train | `0123456789ab`") < prov.index("| report | `fedcba987654`")  # stages in order
     assert "| 01_data | 1.2 s |" in prov and "| train | 2 min 5 s |" in prov
     assert "| `" not in report.provenance_markdown({})  # nothing known: no empty code cells
+    # a provenance.json from an older dbkit (one record, restamped by every notebook)
+    old = report.provenance_markdown({"provenance": {"git_commit": "0123456789abcdef", "timestamp": "t0"}})
+    assert "| unknown | `0123456789ab` | t0 |" in old and "training code" not in old
 
 
 def test_curves_of_missing_logs_and_tag_frequencies_still_draw(tmp_path: Path) -> None:

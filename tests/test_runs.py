@@ -85,10 +85,11 @@ def test_latest_run(tmp_path: Path) -> None:
 def test_provenance_keys(tmp_path: Path) -> None:
     exp = exp_with(tmp_path, seed=42)
     folder = runs.run_dir(exp, root=tmp_path)
-    info = runs.write_provenance(folder, exp)
-    assert runs.read_json(folder / "provenance.json") == info
+    info = runs.write_provenance(folder, exp, "data")
+    assert runs.read_json(folder / "provenance.json") == {"stages": {"data": info}}
     assert {"git_commit", "git_dirty", "python", "platform", "packages", "device", "params_hash", "seed",
-            "timestamp"} <= info.keys()
+            "timestamp", "data_fingerprint"} <= info.keys()
+    assert info["data_fingerprint"] and len(info["data_fingerprint"]) == 16
     assert info["params_hash"] == exp.hash and info["seed"] == 42
     assert set(info["packages"]) == {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
                                      "papermill", "numpy"}
@@ -96,6 +97,29 @@ def test_provenance_keys(tmp_path: Path) -> None:
     assert info["timestamp"].endswith("+00:00")
     assert info["device"]
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
+
+
+def test_each_stage_keeps_its_own_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = exp_with(tmp_path)
+    folder = runs.run_dir(exp, root=tmp_path)
+    monkeypatch.setattr(runs, "_git", lambda *a: "a" * 40 if a[0] == "rev-parse" else "")
+    monkeypatch.setattr(runs, "utc_now", lambda: "2024-01-01T00:00:00+00:00")
+    runs.write_provenance(folder, exp, "data")
+    runs.write_provenance(folder, exp, "train", resumed_from=None)
+    runs.update_provenance(folder, "train", finished="2024-01-01T01:00:00+00:00")
+    monkeypatch.setattr(runs, "_git", lambda *a: "b" * 40 if a[0] == "rev-parse" else " M x.py\n")
+    monkeypatch.setattr(runs, "utc_now", lambda: "2024-02-02T00:00:00+00:00")
+    runs.write_provenance(folder, exp, "report")  # re-running only the report, a month later
+    stages = runs.read_json(folder / "provenance.json")["stages"]
+    assert list(stages) == ["data", "train", "report"]
+    assert stages["train"]["git_commit"] == "a" * 40 and stages["train"]["git_dirty"] is False
+    assert stages["train"]["timestamp"] == "2024-01-01T00:00:00+00:00"
+    assert stages["train"]["finished"] == "2024-01-01T01:00:00+00:00"
+    assert stages["report"]["git_commit"] == "b" * 40 and stages["report"]["git_dirty"] is True
+    # an older dbkit's single record is read as one record of unknown stage
+    runs.atomic_write_json(folder / "provenance.json", {"git_commit": "c" * 40})
+    assert runs.read_provenance(folder) == {"stages": {"unknown": {"git_commit": "c" * 40}}}
+    assert runs.read_provenance(tmp_path / "nowhere") == {"stages": {}}
 
 
 def test_record_timing_merges(tmp_path: Path) -> None:
@@ -118,3 +142,41 @@ def test_cache_path_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert runs.cache_path("latents", {"k": 1}).parent == Path(".cache/dbkit/latents")
     with pytest.raises(ValueError, match="simple folder name"):
         runs.cache_path("../up", {}, root=tmp_path)
+
+
+def test_training_provenance_is_written_when_training_runs_not_when_a_run_is_reused(
+        in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbkit import data, train, workflow
+
+    exp, rd = workflow.open_experiment("params/base.yaml", ["experiment=prov"], stage="data")
+    (rd / "captions.jsonl").write_text("")
+    runs.atomic_write_json(rd / "data.json", {"class_dir": None})
+    sessions = []
+
+    def fake_train(p, run_dir, records, **kw):  # stands in for the trainer: what it saw, then its output
+        sessions.append(runs.read_provenance(run_dir)["stages"]["train"])
+        (run_dir / "output").mkdir(exist_ok=True)
+        return run_dir / "output"
+
+    monkeypatch.setattr(train, "train", fake_train)
+    workflow.run_training(exp, rd, progress=False)
+    first = runs.read_provenance(rd)["stages"]["train"]
+    assert first["params_hash"] == exp.hash and first["resumed_from"] is None and first["finished"]
+    assert sessions == [{k: v for k, v in first.items() if k != "finished"}]  # recorded before training
+    workflow.run_training(exp, rd, progress=False)  # finished: reused, neither retrained nor restamped
+    _, rd2 = workflow.open_experiment("params/base.yaml", ["experiment=prov"], stage="report")
+    assert rd2 == rd and len(sessions) == 1
+    stages = runs.read_provenance(rd)["stages"]
+    assert stages["train"] == first and list(stages) == ["data", "train", "report"]
+
+    # an interrupted run resumed from a checkpoint: both sessions are on record
+    (rd / "train_done.json").unlink()
+    (rd / "checkpoints" / "checkpoint-000002").mkdir(parents=True)
+    workflow.run_training(exp, rd, progress=False)
+    resumed = runs.read_provenance(rd)["stages"]["train"]
+    assert resumed["resumed_from"] == "checkpoint-000002"
+    assert resumed["earlier"] == [{k: v for k, v in first.items() if k != "earlier"}]
+
+    summary = workflow.summarise(exp, rd)
+    assert summary["data_fingerprint"] == data.data_fingerprint(exp.params) == resumed["data_fingerprint"]
+    assert summary["provenance"]["stages"]["train"] == resumed

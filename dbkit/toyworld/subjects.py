@@ -10,8 +10,11 @@ it goes through exactly the same data path as a user's photos.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -128,22 +131,31 @@ def photos(subject: Subject, n: int | None = None) -> list[tuple[Image.Image, di
     return out
 
 
-def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
-    """Write the photos as 01.png … plus metadata.jsonl (file_name + record per line).
-    A folder that already holds exactly this set is left alone; one written by an older
-    dbkit (different records) is rewritten: the folder is ours, not the user's."""
-    from ..runs import atomic_write_bytes, atomic_write_text
-
+@functools.lru_cache(maxsize=16)
+def folder_files(subject: Subject, n: int | None = None) -> Mapping[str, bytes]:
+    """The subject's folder as file name → bytes: 01.png … and metadata.jsonl (file_name +
+    record per line). Rendering is deterministic, so this is also what the run hash
+    fingerprints for a `toyworld:` spec; cached because every params load asks for it."""
     shots = photos(subject, n)
-    lines = [json.dumps({"file_name": f"{k:02d}.png", **rec}) for k, (_, rec) in enumerate(shots, start=1)]
-    text = "\n".join(lines) + "\n"
-    meta = folder / "metadata.jsonl"
-    if meta.exists() and meta.read_text() == text:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
     for k, (img, _) in enumerate(shots, start=1):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        atomic_write_bytes(folder / f"{k:02d}.png", buf.getvalue())
-    atomic_write_text(meta, text)
+        files[f"{k:02d}.png"] = buf.getvalue()
+    lines = [json.dumps({"file_name": f"{k:02d}.png", **rec}) for k, (_, rec) in enumerate(shots, start=1)]
+    files["metadata.jsonl"] = ("\n".join(lines) + "\n").encode()
+    return types.MappingProxyType(files)
+
+
+def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
+    """Write :func:`folder_files` into `folder`. Files that already hold exactly these bytes
+    are left alone; any other (from an older dbkit, or edited by hand) is rewritten: the
+    folder is ours, not the user's, and must hold what its spec's fingerprint describes."""
+    from ..runs import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in folder_files(subject, n).items():  # metadata.jsonl last
+        path = folder / name
+        if not (path.is_file() and path.read_bytes() == content):
+            atomic_write_bytes(path, content)
     return folder
