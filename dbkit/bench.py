@@ -90,7 +90,7 @@ def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> 
     result = {"accuracy": acc, "subject_signature_rate": novelty, "vae_ceiling": ceiling,
               "seconds": round(time.time() - t0, 1)}
     if card:
-        from .runs import atomic_write_text
+        from .files import atomic_write_text
         from .toyworld.recipe import model_card
 
         atomic_write_text(Path(path) / "README.md", model_card(path, result, bench_load(str(path))))

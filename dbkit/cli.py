@@ -29,19 +29,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import runner
-    from .config import ConfigError
-    from .runs import RunDirError
 
-    try:
-        out = runner.run_experiment(args.params, args.param, reports_root=Path(args.reports),
-                                    notebooks_dir=Path(args.notebooks), only=args.only,
-                                    progress=not args.no_progress)
-    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
-        # a user-facing problem found before any notebook ran: the message says what to fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except runner.NotebookFailed:
-        return 1  # run_experiment already printed the failing cell and the HTML path
+    # errors end in main(): NotebookFailed is printed by run_experiment, the others there
+    out = runner.run_experiment(args.params, args.param, reports_root=Path(args.reports),
+                                notebooks_dir=Path(args.notebooks) if args.notebooks else None, only=args.only,
+                                progress=not args.no_progress)
     index = out / "index.html"
     print(f"report: {index if index.exists() else out}")
     return 0
@@ -83,19 +75,32 @@ def _cmd_check_report(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     """Data, captions and training without notebooks: what `accelerate launch` runs on
     several GPUs. The main process prepares files; every process then trains (DDP)."""
+    import contextlib
+    import shlex
+
     from accelerate import PartialState
 
-    from . import runs, workflow
+    from . import runner, runs, workflow
 
     state = PartialState()
     exp, rd = workflow.open_experiment(args.params, args.p)
-    if state.is_main_process:
-        runs.write_provenance(rd, exp, "data")
-        workflow.prepare_data(exp, rd)
-        runs.write_provenance(rd, exp, "captions")
-        workflow.prepare_captions(exp, rd)
-    state.wait_for_everyone()
-    out = workflow.run_training(exp, rd, progress=state.is_main_process)
+    command = shlex.join(["dbkit", "train", args.params, *(x for o in args.p for x in ("-p", o))])
+    # the main process holds the run folder for the whole command; run_training's own lock passes through
+    lock = runs.lock_run(rd, command) if state.is_main_process else contextlib.nullcontext()
+    stage = "01_data"
+    try:
+        with lock:
+            if state.is_main_process:
+                runs.write_provenance(rd, exp, "data")
+                workflow.prepare_data(exp, rd)
+                stage = "02_captions"
+                runs.write_provenance(rd, exp, "captions")
+                workflow.prepare_captions(exp, rd)
+            state.wait_for_everyone()
+            stage = "03_train"
+            out = workflow.run_training(exp, rd, progress=state.is_main_process)
+    except KeyboardInterrupt:
+        raise runner.RunStopped(runner.stopped_message(stage, rd, command)) from None
     if state.is_main_process:
         print(f"trained: {out}")
     return 0
@@ -114,17 +119,62 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for a failure a user can cause; None for a bug (let it raise)."""
+    from . import runner
+    from .config import ConfigError
+    from .models import ModelError
+    from .runs import RunDirError, describe_os_error
+
+    if isinstance(e, runner.NotebookFailed):
+        return 1, ""  # run_experiment printed the failing cell and where its page is
+    if isinstance(e, runner.RunStopped):
+        return 130, str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "stopped (Ctrl-C) before any notebook ran; nothing was changed"
+    if isinstance(e, (ConfigError, ModelError, RunDirError, runner.RunError)):
+        return 2, f"error: {e}"
+    if isinstance(e, OSError):
+        return 1, f"error: {describe_os_error(e)}"
+    if isinstance(e, ValueError):  # e.g. --only with a name that is no notebook
+        return 2, f"error: {e}"
+    if isinstance(e, Exception):
+        return 1, (f"error: {type(e).__name__}: {' '.join(str(e).split())[:500]} (unexpected: `--debug` shows "
+                   "where it happened)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BaseException as e:  # one or two lines for the user; the traceback only with --debug
+        explained = None if args.debug else _explain(e)
+        if explained is None:
+            raise
+        code, message = explained
+        if message:
+            print(message, file=sys.stderr)
+        return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = argparse.ArgumentParser(prog="dbkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain-toyworld", help="train the toy base model from scratch (fixed seed)")
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("pretrain-toyworld", help="train the toy base model from scratch (fixed seed)")
     p.add_argument("--out", default="runs/pretrain-toyworld/base", help="output pipeline folder")
     p.add_argument("--recipe", default="", help='JSON overrides of the recipe, e.g. \'{"unet_steps": 100}\'')
     p.add_argument("--start-from", default="", help="a pipeline this recipe produced through phase 2 (e.g. "
                    "dbkit/toyworld/base): load it and run only phase 3 (continue_steps)")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("run", help="validate params, run the notebooks with papermill, write HTML reports")
+    p = add("run", help="validate params, run the notebooks with papermill, write HTML reports")
     p.add_argument("params", help="params YAML, e.g. params/demo.yaml")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param (repeatable), e.g. -p train.lora.rank=32")
@@ -132,25 +182,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these notebooks, e.g. --only 03_train 05_report (they read earlier "
                         "notebooks' files from the run folder)")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
-    p.add_argument("--notebooks", default="notebooks", help="notebooks folder (default: notebooks)")
+    p.add_argument("--notebooks", default="", help="notebooks folder (default: dbkit's own, wherever you run "
+                                                   "dbkit from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("report", help="rebuild reports/index.html from every experiment's summary.json")
+    p = add("report", help="rebuild reports/index.html from every experiment's summary.json")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("check-report", help="screenshot a report page in headless Chromium (offline) "
-                                            "and check it is not blank and fetches nothing")
+    p = add("check-report", help="screenshot a report page in headless Chromium (offline) "
+                                 "and check it is not blank and fetches nothing")
     p.add_argument("html", help="an HTML report, e.g. reports/demo/index.html")
     p.add_argument("--out", default="", help="PNG path (default: beside the HTML)")
     p.set_defaults(func=_cmd_check_report)
-    p = sub.add_parser("train", help="prepare data/captions and train without notebooks (accelerate launch)")
+    p = add("train", help="prepare data/captions and train without notebooks (accelerate launch)")
     p.add_argument("params", help="experiment params file")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="params override")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("bench", help="measure: base accuracy, load time, DreamBooth signature rate")
+    p = add("bench", help="measure: base accuracy, load time, DreamBooth signature rate")
     p.add_argument("what", choices=("base", "load", "dreambooth"))
     p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")
     p.add_argument("--n", type=int, default=100, help="base: number of held-out captions")
@@ -159,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500, help="dreambooth: training steps")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
     p.set_defaults(func=_cmd_bench)
-
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":

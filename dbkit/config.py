@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "sample.scheduler": ("ddim", "euler", "dpm++"),
     "metrics.backend": ("oracle", "clip"),
+    "data.on_bad_image": ("fail", "skip"),
 }
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
@@ -464,10 +466,61 @@ def _check_variants(src: str, value: Any) -> dict:
 
 
 def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_files: bool) -> None:
-    """Checks across keys, and checks against the disk, on the merged params."""
+    """Checks across keys, and checks against the disk and this machine, on the merged params:
+    everything the notebooks would otherwise find out later (training used to check some of
+    these 20–40 s in), so that a params mistake fails here, before any data work."""
     def src(key: str) -> str:
         return origin.get(key, exp_src)
 
+    _check_name(src("experiment"), params["experiment"])
+    _check_combination(src, exp_src, params)
+    if params["metrics"]["backend"] == "clip" and not params["metrics"]["clip_model"]:
+        raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
+                          "empty: point it at a local CLIP folder")
+    _check_captions(src, params)
+    if not check_files:
+        return
+    _check_machine(src, params["train"])
+    inst = params["data"]["instance_images"]
+    if not inst.startswith("toyworld:"):
+        _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
+    if params["data"]["class_images"]:
+        _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
+    family = _check_model(src, params)
+    _check_family(src, params, family)
+    for key in ("clip_model", "dino_model"):
+        folder = params["metrics"][key]
+        if params["metrics"]["backend"] == "clip" and folder and not Path(folder).is_dir():
+            raise ConfigError(f"{src('metrics.' + key)}: 'metrics.{key}' folder {folder!r} does not exist "
+                              f"(relative to {Path.cwd()}): download the model elsewhere and point "
+                              f"metrics.{key} at the local folder")
+    lpips = params["metrics"]["lpips_model"]
+    if params["metrics"]["backend"] == "clip" and lpips and not Path(lpips).is_file():
+        raise ConfigError(f"{src('metrics.lpips_model')}: 'metrics.lpips_model' file {lpips!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at a safetensors file or leave it empty")
+
+
+# An experiment name names folders (runs/<name>/, reports/<name>/, variants' <name>__<value>/):
+# file systems cap a name at 255 bytes (eCryptfs at 143), so dbkit caps it well below that.
+MAX_NAME = 120
+
+
+def _check_name(src: str, name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{src}: experiment name {name!r} must be usable as a folder name "
+                          "(letters, digits, '.', '_', '-')")
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{src}: experiment name {name[:40]}… is {len(name)} characters long; it names folders, "
+                          f"whose names file systems limit: use at most {MAX_NAME} characters")
+
+
+def variant_name(exp_name: str, label: str) -> str:
+    """An ablation variant's experiment (and folder) name: ``<experiment>__<label>``."""
+    return f"{exp_name}__{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}"
+
+
+def _check_combination(src: Callable[[str], str], exp_src: str, params: dict) -> None:
+    """Settings that cannot train together, whatever the base or the machine."""
     t = params["train"]
     if not (t["unet"] or t["text_encoder"] or t["pivotal"]["enabled"]):
         raise ConfigError(f"{exp_src}: nothing to train: set train.unet, train.text_encoder or "
@@ -479,34 +532,122 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         if t["text_encoder"] and not t["lora"]["text_targets"]:
             raise ConfigError(f"{src('train.lora.text_targets')}: 'train.lora.text_targets' is empty "
                               "while train.text_encoder is true: list the text-encoder modules to adapt")
-    name = params["experiment"]
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(f"{src('experiment')}: experiment name {name!r} must be usable as a folder name "
-                          "(letters, digits, '.', '_', '-')")
-    if params["metrics"]["backend"] == "clip" and not params["metrics"]["clip_model"]:
-        raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
-                          "empty: point it at a local CLIP folder")
+    if t["pivotal"]["enabled"] and params["captions"]["trigger"] == "none":
+        raise ConfigError(f"{src('train.pivotal.enabled')}: train.pivotal.enabled needs a token in the captions "
+                          "but captions.trigger is none: set captions.trigger to identifier or word (the new "
+                          "tokens replace captions.identifier)")
+    convs = _dora_convs(params)
+    if convs:
+        raise ConfigError(f"{src('train.lora.unet_targets')}: 'train.lora.unet_targets' lists {', '.join(convs)}, "
+                          "convolutions in this base's UNet, but train.method is dora and diffusers cannot load "
+                          "DoRA convolutions back: remove them (or leave the key at its default: DoRA then "
+                          "leaves them out itself)")
+    if t["min_snr_gamma"] > 0 and t["prediction"] == "edm":
+        raise ConfigError(f"{src('train.min_snr_gamma')}: 'train.min_snr_gamma' is defined for DDPM timesteps, not "
+                          "EDM's σ (train.prediction is edm): set it to 0 (EDM's λ(σ) weighting already balances "
+                          "noise levels)")
+    p = params["prior"]
+    if p["enabled"] and not params["data"]["class_images"] and p["num_images"] == 0:
+        raise ConfigError(f"{src('prior.num_images')}: 'prior.num_images' is 0 but prior.enabled is true and "
+                          "data.class_images is empty: no class image would be generated; set prior.num_images "
+                          "(e.g. 32) or prior.enabled: false")
     _check_prodigy(src, t)
-    _check_captions(src, params)
-    if not check_files:
-        return
+
+
+def _check_machine(src: Callable[[str], str], t: dict) -> None:
+    """Settings this machine cannot run: a missing package or no GPU."""
+    import importlib.util
+
     _check_adamw8bit(src, t)
-    inst = params["data"]["instance_images"]
-    if not inst.startswith("toyworld:"):
-        _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
-    if params["data"]["class_images"]:
-        _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
-    _check_model(src("base.model"), params["base"]["model"])
-    for key in ("clip_model", "dino_model"):
-        folder = params["metrics"][key]
-        if params["metrics"]["backend"] == "clip" and folder and not Path(folder).is_dir():
-            raise ConfigError(f"{src('metrics.' + key)}: 'metrics.{key}' folder {folder!r} does not exist "
-                              f"(relative to {Path.cwd()}): download the model elsewhere and point "
-                              f"metrics.{key} at the local folder")
-    lpips = params["metrics"]["lpips_model"]
-    if params["metrics"]["backend"] == "clip" and lpips and not Path(lpips).is_file():
-        raise ConfigError(f"{src('metrics.lpips_model')}: 'metrics.lpips_model' file {lpips!r} does not exist "
-                          f"(relative to {Path.cwd()}): point it at a safetensors file or leave it empty")
+    if t["log_with"] != "none" and importlib.util.find_spec(t["log_with"]) is None:
+        raise ConfigError(f"{src('train.log_with')}: 'train.log_with' is {t['log_with']} but it is not installed: "
+                          f"`pip install {t['log_with']}`, or set train.log_with: none (train_log.jsonl is "
+                          "always written)")
+    if t["mixed_precision"] == "fp16":
+        import torch  # only here: importing torch costs seconds at every params load
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{src('train.mixed_precision')}: 'train.mixed_precision' is fp16, which needs a "
+                              "CUDA GPU, and this machine has none: use bf16 or no")
+
+
+def _check_family(src: Callable[[str], str], params: dict, family: str) -> None:
+    """Settings the base model's family rules out (EDM needs an EDM-trained base, and back)."""
+    t = params["train"]
+    want, edm_base = t["prediction"], family == "playground"
+    if want != "auto" and (want == "edm") != edm_base:
+        trained = "with EDM" if edm_base else "for DDPM timesteps"
+        raise ConfigError(f"{src('train.prediction')}: 'train.prediction' is {want} but base.model is a {family} "
+                          f"model, trained {trained}: EDM training needs an EDM-trained base such as Playground "
+                          "v2.5 (and such a base needs EDM); set train.prediction: auto")
+    if t["min_snr_gamma"] > 0 and edm_base:
+        raise ConfigError(f"{src('train.min_snr_gamma')}: 'train.min_snr_gamma' is defined for DDPM timesteps, but "
+                          "base.model is a playground model trained with EDM: set it to 0 (EDM's λ(σ) weighting "
+                          "already balances noise levels)")
+
+
+def check_training(params: dict, family: str) -> None:
+    """The cross-key, machine and family checks of :func:`load`, for params built without it
+    (train.check_combination calls this; the message names the key as ``params``)."""
+    def src(key: str) -> str:
+        return "params"
+
+    _check_combination(src, "params", params)
+    _check_machine(src, params["train"])
+    _check_family(src, params, family)
+
+
+# Module names that are convolutions in every diffusers UNet (ResNet blocks, resamplers, stem).
+_UNET_CONVS = frozenset({"conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut"})
+
+
+def _unet_convs(model: str) -> frozenset[str]:
+    """Target names that are convolutions in this base's UNet. proj_in/proj_out are 1×1
+    convolutions unless the UNet uses linear projections (SD1.x vs SD2/SDXL): its config.json
+    says which, read here because instantiating the UNet would import diffusers (seconds).
+    A base that cannot be read counts them as convolutions; train.refuse_dora_convs checks
+    the real modules again before training."""
+    from .models import ModelError, resolve
+
+    try:
+        cfg = json.loads((resolve(model) / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (ModelError, OSError, ValueError):
+        cfg = {}
+    return _UNET_CONVS if cfg.get("use_linear_projection") else _UNET_CONVS | {"proj_in", "proj_out"}
+
+
+def _dora_convs(params: dict) -> list[str]:
+    """The UNet targets DoRA cannot take on this base (none unless train.method is dora)."""
+    t = params["train"]
+    if t["method"] != "dora" or not t["unet"]:
+        return []
+    convs = _unet_convs(params["base"]["model"])
+    return [x for x in t["lora"]["unet_targets"] if x.split(".")[-1] in convs]
+
+
+def _adapt_dora_targets(params: dict) -> None:
+    """DoRA with base.yaml's default UNet targets leaves out those that are convolutions, so
+    that `-p train.method=dora` alone trains (diffusers cannot load DoRA convolutions back).
+    A list the user wrote is theirs: _check_combination refuses its convolutions instead."""
+    lo = params["train"]["lora"]
+    if lo["unet_targets"] != _default_of("train.lora.unet_targets"):
+        return
+    dropped = _dora_convs(params)
+    if dropped:
+        lo["unet_targets"] = [x for x in lo["unet_targets"] if x not in dropped]
+        _warn_once(f"train.method=dora: left {', '.join(dropped)} out of the default train.lora.unet_targets: "
+                   "they are convolutions in this base's UNet, which diffusers cannot load back as DoRA "
+                   "(set train.lora.unet_targets to choose the targets yourself)")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # a params file is loaded many times per run (each variant, the parent): say it once
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _check_prodigy(src: Callable[[str], str], t: dict) -> None:
@@ -578,35 +719,99 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
     if not any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.iterdir()):
         raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images "
                           f"({' '.join(IMAGE_SUFFIXES)}): {fix}")
+    _check_text_files(p)
 
 
-def _check_model(src: str, model: str) -> None:
-    from .models import ModelError, resolve
+def _check_text_files(folder: Path) -> None:
+    """Caption sidecars (<stem>.txt) and metadata.jsonl must be UTF-8: a stray Latin-1 byte
+    would otherwise fail 01_data with a decode error that names no file."""
+    texts = [f.with_suffix(".txt") for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    for f in [*texts, folder / "metadata.jsonl"]:
+        if f.is_file():
+            what = "the caption sidecar" if f.suffix == ".txt" else "metadata.jsonl"
+            _decode(f, f.read_bytes(), what)
+
+
+def _check_model(src: Callable[[str], str], params: dict) -> str:
+    """The base's family (read from its config files: cheap), or a ConfigError naming the
+    file that set base.model, or base.family when that is what contradicts the model."""
+    from .models import ModelError, family_of, resolve
 
     try:
-        resolve(model)
+        path = resolve(params["base"]["model"])
     except ModelError as e:
-        raise ConfigError(f"{src}: {e}") from None
+        raise ConfigError(f"{src('base.model')}: {e}") from None
+    try:
+        return family_of(params, path)
+    except ModelError as e:
+        raise ConfigError(f"{src('base.family')}: {e}") from None
+    except (OSError, ValueError) as e:  # an unreadable or hand-edited model_index.json
+        raise ConfigError(f"{src('base.model')}: cannot read the base model's config ({e}): point base.model "
+                          "at a complete diffusers folder") from None
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping: plain YAML keeps the last one
+    silently, so a second `train:` block would drop the first one's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if first != line:
+                raise _DuplicateKey(key, line, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _decode(path: Path, raw: bytes, what: str) -> str:
+    """UTF-8 text of a file, or a ConfigError naming the file, the line and the fix."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{_show(path)}: line {line}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x}): "
+                          "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{_show(path)}: params file not found") from None
     except OSError as e:
-        raise ConfigError(f"{_show(path)}: cannot read params file: {e}") from None
+        raise ConfigError(f"{_show(path)}: cannot read params file: {e.strerror or e}") from None
+    text = _decode(path, raw, "the params file")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{_show(path)}: line {e.line}: key {e.key!r} is set twice in the same block (first on "
+                          f"line {e.first}); YAML would keep only the last one: merge the two into one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{_show(path)}:{line}: invalid YAML ({problem}): fix the syntax there") from None
-    return {} if data is None else data
+    if data is None:
+        # an empty file used to run base.yaml's default experiment under this file's name
+        raise ConfigError(f"{_show(path)}: the params file is empty (or all comments): write at least "
+                          "`extends: base.yaml` and the keys this experiment changes")
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -706,6 +911,7 @@ def _resolve(chain: list[tuple[Path, dict]], flat: dict[str, Any], check_files: 
         _record_origin(origin, tree, override_src)
     name = params.get("experiment") or top.stem
     params["experiment"] = name
+    _adapt_dora_targets(params)
     _check_resolved(_show(top), params, origin, check_files)
     return params, name
 
@@ -745,11 +951,13 @@ class Experiment:
 def _check_ablation(path: Path, params: dict, check_files: bool) -> None:
     """Each ablation variant is checked across keys now, as the variant it will become: one
     that cannot train (prodigy with a small lr, say) fails before the main run, not after."""
-    flats = [{key: v} for key, values in params["ablation"]["vary"].items() for v in values]
-    flats += list(params["ablation"]["variants"].values())
-    for flat in flats:
-        try:
-            _resolve([(path, params)], {**flat, "experiment": params["experiment"]}, check_files, top=path,
+    name = params["experiment"]
+    flats = [(f"{key.split('.')[-1]}-{v}", {key: v}) for key, values in params["ablation"]["vary"].items()
+             for v in values]
+    flats += list(params["ablation"]["variants"].items())
+    for label, flat in flats:
+        try:  # under the name 04_ablations gives it, so an over-long one fails now too
+            _resolve([(path, params)], {**flat, "experiment": variant_name(name, label)}, check_files, top=path,
                      override_src=f"{_show(path)} (ablation)")
         except ConfigError as e:
             where = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flat.items())

@@ -4,13 +4,41 @@ The same path serves a user's photo folder and the toy world's subjects (which a
 written to `data/toyworld/<name>/` as an ordinary folder). Every image is opened and
 checked up front, so a broken file stops the run in the data notebook with its name,
 not in the middle of training.
+
+Image policy (what happens to each kind of picture; warnings are logged and kept in data.json,
+which the 01_data page lists):
+
+- Formats: .png .jpg .jpeg .webp .bmp are read. Other image files beside them (.heic, .avif,
+  .psd, .tif, raw …) are skipped with a warning naming them: convert them to JPEG or PNG.
+- Orientation: the EXIF orientation is applied (a phone's portrait photo stays upright).
+- Modes: everything becomes 8-bit RGB. 16-bit greyscale (PNG mode I;16 / I) is scaled by
+  255/65535 (Pillow's own conversion clips at 255: almost every pixel would turn white);
+  16-bit colour PNGs are read by Pillow at 8 bits; palette, greyscale, CMYK and bilevel
+  images are converted. Transparency (alpha, LA, a palette or colour key marked transparent)
+  is composited on white, the usual backdrop of cut-outs.
+- Shape: an image longer than 4:1 is kept with a warning that says what training takes of
+  it (a centred square at the default `data.center_crop: true`): crop it around the subject.
+- Count: fewer than 3 instance photos is allowed with a warning (DreamBooth needs a few
+  views of the subject to tell it from the scene).
+- Bad files: empty, not an image, truncated or damaged, over Pillow's decompression-bomb
+  limit (Image.MAX_IMAGE_PIXELS, 89 MP: both its warning and its error count), or smaller
+  than 8 px. `data.on_bad_image: fail` (the default) stops with one DataError listing every
+  bad file and why; `skip` drops them and lists them in data.json and on the page. A bad
+  class image always stops the run: training reads that folder as it is.
+- Size: any size is read. Checks and thumbnails decode JPEGs at reduced scale (Image.draft)
+  and one image at a time; reports show thumbnails of at most THUMB px on the long side.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,11 +49,26 @@ if TYPE_CHECKING:  # torch is imported where it is used: config.load fingerprint
     import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Image files a phone, camera or editor writes that dbkit does not read: named in a warning
+# rather than passed over in silence (a HEIC beside PNGs would otherwise just vanish).
+OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".psd", ".tif", ".tiff", ".gif", ".svg", ".jp2",
+                        ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf")
 TOYWORLD_DATA = Path("data/toyworld")
+ON_BAD_IMAGE = ("fail", "skip")
+MAX_ASPECT = 4.0   # longer than this (long side / short side): warn and say what the crop keeps
+MIN_PHOTOS = 3     # fewer instance photos than this: warn
+THUMB = 256        # px, long side of the pictures the reports show
+EXIF_ORIENTATION = 0x0112
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A problem with the user's images; the message names the file and what to do."""
+
+
+class BadImage(DataError):
+    """One image that cannot be used; the message is the reason (the caller names the file)."""
 
 
 def resolve_folder(spec: str) -> Path:
@@ -50,8 +93,15 @@ def list_images(folder: Path) -> list[Path]:
                         "data.instance_images at the folder that holds them")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p))
     if not files:
-        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found; add some")
+        others = unreadable_files(folder)
+        found = f" (found {', '.join(others)}: convert them to JPEG or PNG)" if others else ""
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found{found}; add some")
     return files
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """Names of the image files in `folder` whose format dbkit does not read."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
 
 
 def is_mask(path: Path) -> bool:
@@ -94,15 +144,31 @@ def filter_by_area(manifest: list[dict], min_area: float, source: str) -> tuple[
     return kept, dropped
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) in RGB, transparency composited on
-    white (see :func:`flatten_on_white`); errors name the file."""
+def open_rgb(path: Path, max_side: int = 0) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) in 8-bit RGB (see :func:`eight_bit`),
+    transparency composited on white (see :func:`flatten_on_white`); errors name the file.
+    `max_side` > 0: a thumbnail at most that long; a JPEG is then decoded at reduced scale
+    (Image.draft), so a 12-MP photo never exists at full size in memory."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return flatten_on_white(im)
+            if max_side:
+                im.draft(im.mode, (max_side, max_side))  # still ≥ max_side on both sides
+            im = flatten_on_white(eight_bit(ImageOps.exif_transpose(im)))
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+    if max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # reduce()s first: fast on big PNGs
+    return im
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG mode I;16, or I) as 8-bit L scaled by 255/65535; other modes as
+    they are. Pillow's own convert clips at 255, so a 16-bit photo would turn almost all white.
+    PNG has no 32-bit greyscale: mode I from our formats holds 16-bit samples."""
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")  # rounded
 
 
 def flatten_on_white(im: Image.Image) -> Image.Image:
@@ -110,6 +176,8 @@ def flatten_on_white(im: Image.Image) -> Image.Image:
     transparent) composited on white. A plain convert("RGB") drops alpha and shows whatever
     colour the transparent pixels store, usually black: a cut-out subject would be trained
     on a black backdrop. White is the usual backdrop of cut-outs and product shots."""
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im  # convert would copy it: one full-size photo fewer in memory
     if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
         return im.convert("RGB")
     rgba = im.convert("RGBA")
@@ -135,27 +203,148 @@ def read_metadata(folder: Path) -> dict[str, dict]:
 
 
 def build_manifest(folder: Path, *, min_size: int = 8, max_images: int = 0) -> list[dict]:
-    """One record per image: file, size, content hash, sidecar caption and metadata record."""
+    """One record per image: file, size, content hash, sidecar caption and metadata record.
+    Any bad image raises (see :func:`scan` for skipping them and for the warnings)."""
+    return scan(folder, min_size=min_size, max_images=max_images).manifest
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found: the usable images, the bad ones it skipped, the warnings."""
+
+    manifest: list[dict]
+    skipped: list[dict] = field(default_factory=list)  # {"file": …, "reason": …}
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan(folder: Path, *, crop: dict | None = None, min_size: int = 8, max_images: int = 0,
+         on_bad: str = "fail", instance: bool = True) -> Scan:
+    """Check every image of `folder` (the first `max_images` good ones when set) and record
+    them; bad ones raise one DataError naming all of them (`on_bad` "fail") or are skipped
+    ("skip"). `crop` (the data params) says what training crops, for the aspect warning.
+    `instance` False: a class-image folder (no count warning; bad files are never skipped,
+    since training reads that folder itself). Warnings are logged and returned."""
+    if on_bad not in ON_BAD_IMAGE:
+        raise DataError(f"data.on_bad_image is {on_bad!r}; allowed values: {', '.join(ON_BAD_IMAGE)}")
     meta = read_metadata(folder)
-    files = list_images(folder)
-    if max_images:
-        files = files[:max_images]
+    found, bad = Scan([]), []
+    for f in list_images(folder):
+        if max_images and len(found.manifest) >= max_images:
+            break
+        try:
+            size = probe(f, min_size)
+        except BadImage as e:
+            bad.append({"file": str(f), "reason": str(e)})
+            continue
+        found.manifest.append(_record(f, size, meta))
+        found.warnings += aspect_warnings(f, size, crop)
+    found.skipped = _handle_bad(folder, bad, on_bad if instance else "fail", instance)
+    if not found.manifest:
+        raise DataError(f"{folder}: no usable image is left after skipping the bad ones; add photos that open")
+    found.warnings = _folder_warnings(folder, found, instance) + found.warnings
+    for w in found.warnings:
+        log.warning(w)
+    return found
+
+
+def _record(f: Path, size: tuple[int, int], meta: dict[str, dict]) -> dict:
+    sidecar = f.with_suffix(".txt")
+    return {
+        "file": str(f),
+        "width": size[0],
+        "height": size[1],
+        "sha256": file_digest(f),
+        "sidecar_caption": sidecar.read_text().strip() if sidecar.exists() else None,
+        "record": meta.get(f.name),
+        "subject_area": subject_area(f, meta.get(f.name)),
+    }
+
+
+def _handle_bad(folder: Path, bad: list[dict], on_bad: str, instance: bool) -> list[dict]:
+    """Raise one error listing every bad file (fail), or return them to be recorded (skip)."""
+    if not bad:
+        return []
+    if on_bad == "fail":
+        lines = "".join(f"\n  {Path(b['file']).name}: {b['reason']}" for b in bad)
+        fix = ("fix or remove them, or set data.on_bad_image: skip to train without them" if instance
+               else "fix or remove them (training reads data.class_images as it is)")
+        raise DataError(f"{folder}: {len(bad)} image(s) cannot be used:{lines}\n{fix}")
+    return bad
+
+
+def _folder_warnings(folder: Path, found: Scan, instance: bool) -> list[str]:
+    """Unread formats, skipped files and too few photos, one line each."""
     out = []
-    for f in files:
-        im = open_rgb(f)
-        if min(im.size) < min_size:
-            raise DataError(f"{f}: {im.size[0]}×{im.size[1]} is too small to train on; use ≥ {min_size}px")
-        sidecar = f.with_suffix(".txt")
-        out.append({
-            "file": str(f),
-            "width": im.size[0],
-            "height": im.size[1],
-            "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
-            "sidecar_caption": sidecar.read_text().strip() if sidecar.exists() else None,
-            "record": meta.get(f.name),
-            "subject_area": subject_area(f, meta.get(f.name)),
-        })
+    if others := unreadable_files(folder):
+        out.append(f"{folder}: skipped {', '.join(others)}: dbkit reads {' '.join(IMAGE_SUFFIXES)} only; "
+                   "convert them to JPEG or PNG to train on them")
+    if found.skipped:
+        names = ", ".join(Path(b["file"]).name for b in found.skipped)
+        out.append(f"{folder}: skipped {len(found.skipped)} bad image(s) (data.on_bad_image: skip): {names}")
+    if instance and len(found.manifest) < MIN_PHOTOS:
+        out.append(f"{folder}: only {len(found.manifest)} photo(s); DreamBooth needs at least {MIN_PHOTOS} "
+                   "views of the subject (other backgrounds, poses) to tell it from the scene")
     return out
+
+
+@contextmanager
+def _bomb_guard() -> Iterator[None]:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; such a picture is refused too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def probe(path: Path, min_size: int = 8) -> tuple[int, int]:
+    """Upright (width, height) of an image that decodes to its last byte; BadImage says why
+    not. A JPEG is decoded at reduced scale: every byte is still read (truncation shows) but
+    a 12-MP photo costs a few MB."""
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with _bomb_guard(), Image.open(path) as im:
+            size = upright_size(im)
+            im.draft(im.mode, (THUMB, THUMB))
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too many pixels to open safely (Pillow's decompression-bomb guard: {e}); "
+                       f"downscale it below {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP") from e
+    except UnidentifiedImageError as e:
+        raise BadImage("not an image Pillow can read (a wrong extension, or not a picture)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying "damaged"
+        raise BadImage(f"damaged or truncated ({e}); re-save or re-copy it") from e
+    if min(size) < min_size:
+        raise BadImage(f"{size[0]}×{size[1]} is too small to train on; use ≥ {min_size}px")
+    return size
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (5–8 turn the picture a quarter)."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
+
+
+def aspect_warnings(f: Path, size: tuple[int, int], crop: dict | None) -> list[str]:
+    """A warning for an image longer than MAX_ASPECT:1, saying what training takes of it."""
+    w, h = size
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return []
+    return [f"{f.name} is {w}×{h} (about {max(w, h) / min(w, h):.0f}:1): {crop_note(w, h, crop or {})}; "
+            "crop the photo around the subject to choose what is kept"]
+
+
+def crop_note(w: int, h: int, d: dict) -> str:
+    """What training takes of a w×h image, as train.load_examples crops it."""
+    res = d.get("resolution", 512)
+    if d.get("buckets"):
+        size = bucket_for(w, h, res, step=64 if res >= 256 else 8)  # train.load_examples's step
+        how = f"the centre of its {size[0]}×{size[1]} bucket"
+    else:
+        size = (res, res)
+        how = "a centred square" if d.get("center_crop", True) else "a random square each step"
+    s = max(size[0] / w, size[1] / h)  # scale to cover, then crop
+    kept = size[0] * size[1] / (w * s * h * s)
+    return f"training takes {how}, {round(size[0] / s)}×{round(size[1] / s)} px ({100 * kept:.2g}% of the picture)"
 
 
 # --------------------------------------------------------------------------- content fingerprints

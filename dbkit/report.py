@@ -2,7 +2,8 @@
 
 The notebooks run headless under papermill and are rendered to static HTML without their
 code (see :mod:`dbkit.runner`), so everything here produces plain outputs that survive that
-trip: PIL images and matplotlib figures are displayed as embedded PNGs, tables as Markdown.
+trip: PIL images and matplotlib figures are displayed as embedded PNGs (a photo grid as
+JPEG when that is smaller; each image in a grid is at most THUMB px), tables as Markdown.
 
 - :func:`image_grid` lays samples out as in the research notes: one row per model or
   variant (label on the left), one column per seed or prompt (labels on top).
@@ -28,6 +29,13 @@ from PIL import Image, ImageDraw, ImageFont
 PAD = 4                      # pixels between cells and around labels in image_grid
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
+# Long side of one image in a grid: a report grows with the number of images, not their
+# pixels (six 12-MP photos drawn at full size made a 248 MB page). Toy-world 64-px samples
+# at scale 3 (192 px) stay as they were.
+THUMB = 256
+MAX_SHOWN = 4096             # px, long side of any picture show() embeds (a wide grid fits)
+PNG_BUDGET = 256 * 1024      # bytes: a larger PNG is embedded as JPEG when that is smaller
+JPEG_QUALITY = 85
 
 
 # ----------------------------------------------------------------------------- images
@@ -68,18 +76,20 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str],
                title: str = "") -> Image.Image:
     """One row per model/variant (label left), one column per seed/prompt (labels on top).
 
-    Images are upscaled by ``scale`` with nearest-neighbour so 64×64 samples stay crisp;
-    cells are sized to the largest image and a missing image leaves its cell blank; column
+    Images are upscaled by ``scale`` with nearest-neighbour so 64×64 samples stay crisp, as
+    far as ``THUMB`` px on the long side; larger images are shrunk to that (see :func:`grid_cell`).
+    Cells are sized to the largest image and a missing image leaves its cell blank; column
     labels wrap at word boundaries to the cell width.
-    Without labels or a title the size is exactly
+    Without labels or a title, for images up to THUMB/scale px, the size is exactly
     ``(ncols·(w·scale + PAD) + PAD, nrows·(h·scale + PAD) + PAD)``; labels add a left
     column and a top band sized to the text.
     """
     if scale < 1:
         raise ValueError(f"scale must be ≥ 1, got {scale}")
+    rows = [(label, [grid_cell(im, scale) for im in ims]) for label, ims in rows]
     images = [im for _, ims in rows for im in ims]
-    cell_w = max((im.width for im in images), default=0) * scale
-    cell_h = max((im.height for im in images), default=0) * scale
+    cell_w = max((im.width for im in images), default=0)
+    cell_h = max((im.height for im in images), default=0)
     ncols = max([len(col_labels), *(len(ims) for _, ims in rows)], default=0)
 
     font = _font(scale)
@@ -109,9 +119,21 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str],
         _, th = _text_size(draw, label, font)
         draw.multiline_text((PAD, y + max(0, (cell_h - th) // 2)), label, fill=TEXT, font=font)
         for j, im in enumerate(ims):
-            big = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-            canvas.paste(big, (x0 + j * (cell_w + PAD), y))
+            canvas.paste(im, (x0 + j * (cell_w + PAD), y))
     return canvas
+
+
+def grid_cell(im: Image.Image, scale: int) -> Image.Image:
+    """An image as one grid cell, RGB, at most THUMB px on its long side: enlarged by a whole
+    factor up to `scale` (nearest-neighbour keeps small samples crisp), or, when larger than
+    THUMB, shrunk to it (Lanczos after a fast reduce)."""
+    im = im.convert("RGB")
+    long = max(im.size)
+    k = min(scale, max(1, THUMB // long))
+    if long * k <= THUMB:
+        return im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST)
+    im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    return im
 
 
 def open_image(path: Path) -> Image.Image:
@@ -171,8 +193,24 @@ def _png_bytes(obj: Any) -> bytes | None:
     return None
 
 
+def embed_bytes(im: Image.Image) -> tuple[bytes, str]:
+    """(bytes, format) of a PIL image for a report, at most MAX_SHOWN px on the long side:
+    PNG up to PNG_BUDGET bytes (small pictures and crisp toy-world pixels stay lossless),
+    else JPEG when that is smaller (a grid of photo thumbnails: a fraction of its PNG)."""
+    if max(im.size) > MAX_SHOWN:
+        im = im.copy()
+        im.thumbnail((MAX_SHOWN, MAX_SHOWN), Image.Resampling.LANCZOS)
+    png = _png_bytes(im) or b""
+    if len(png) <= PNG_BUDGET or "A" in im.mode or "transparency" in im.info:
+        return png, "png"
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return (png, "png") if len(png) <= buf.tell() else (buf.getvalue(), "jpeg")
+
+
 def show(img_or_fig: Any) -> None:
-    """Display a PIL image or matplotlib figure in the notebook as an embedded PNG.
+    """Display a PIL image (see :func:`embed_bytes`: PNG or JPEG, bounded) or a matplotlib
+    figure (PNG) in the notebook, embedded.
 
     Figures are closed after display: the inline backend would otherwise draw every open
     figure a second time at the end of the cell.
@@ -180,6 +218,10 @@ def show(img_or_fig: Any) -> None:
     from IPython.display import Image as IPImage
     from IPython.display import display
 
+    if isinstance(img_or_fig, Image.Image):
+        data, fmt = embed_bytes(img_or_fig)
+        display(IPImage(data=data, format=fmt))
+        return
     png = _png_bytes(img_or_fig)
     if png is None:
         display(img_or_fig)
@@ -508,7 +550,7 @@ def write_summary(report_dir: Path, summary: dict) -> Path:
     lacking it go last), ``hash`` and ``date`` (now, UTC, when missing). Other keys are
     kept for the record.
     """
-    from . import runs
+    from . import files
 
     metrics = summary.get("metrics", {})
     if not isinstance(metrics, Mapping):
@@ -517,5 +559,5 @@ def write_summary(report_dir: Path, summary: dict) -> Path:
     out.setdefault("date", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     path = Path(report_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_json(path, out)
+    files.atomic_write_json(path, out)
     return path

@@ -4,26 +4,34 @@ A run lives in ``runs/<experiment>/<hash[:12]>/``: the params hash is in the pat
 re-running the same params finds the same folder and resumes, and changed params can never
 overwrite an earlier run. Every file is written atomically (temp file + fsync + rename), so
 a run killed mid-write leaves the previous version of a file, never half of one.
+A process working in a run folder holds its lock (:func:`lock_run`), so two runs of the same
+params never write one folder at once: the second is told who holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import importlib.metadata
+import io
 import json
 import os
 import platform
 import re
+import shutil
+import socket
 import subprocess
 import sys
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .config import Experiment, stable_hash
+from .files import atomic_write_json, atomic_write_text, read_json
 
 RUNS_ROOT = Path("runs")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,68 +40,6 @@ _PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safete
 
 class RunDirError(RuntimeError):
     """A run folder holds a different run than the params say."""
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # makes the rename itself durable; not possible on every platform, hence best effort
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Indented JSON (Paths written as strings), atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """Parsed JSON of ``path``, or ``default`` when the file does not exist."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return default
-    return json.loads(text)
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -131,6 +77,161 @@ def latest_run(name: str, root: Path | None = None) -> Path | None:
         return None
     # atomic writes rename into the folder, which bumps its mtime: latest = last written to
     return max(runs, key=lambda d: (d.stat().st_mtime_ns, d.name))
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+
+LOCK_FILE = "run.lock"
+LOCK_ENV = "DBKIT_RUN_LOCK"  # the token of a lock held by the process that started this one
+_held: dict[str, int] = {}  # lock file → open descriptor, for the locks this process holds
+
+
+class RunLocked(RunDirError):
+    """Another process is working in the run folder; the message names it and says what to do."""
+
+
+@contextlib.contextmanager
+def lock_run(folder: Path, command: str = "") -> Iterator[dict]:
+    """Hold ``<folder>/run.lock`` while working in a run folder: two processes training one
+    run would interleave train_log.jsonl and trample each other's checkpoints.
+
+    The lock is an flock on that file, which the OS drops when its process ends, however it
+    ends: a lock file a killed run left behind is stale by construction and simply taken
+    over. The file records pid, host, start time and command for the message a second
+    process gets (:class:`RunLocked`). Nested calls in the holding process pass through, and
+    so do the notebook kernels `dbkit run` starts ($DBKIT_RUN_LOCK carries its token).
+    On taking the lock, temp files an interrupted run left in the folder are removed.
+    Yields the holder record.
+    """
+    path = Path(folder) / LOCK_FILE
+    key = str(path.resolve())
+    holder = _read_holder(path)
+    if key in _held or (holder.get("token") and holder.get("token") == os.environ.get(LOCK_ENV)):
+        yield holder
+        return
+    fd, holder = _acquire(path, command)
+    _held[key] = fd
+    try:
+        clean_leftovers(Path(folder))
+        yield holder
+    finally:
+        del _held[key]
+        _release(fd, path)
+
+
+def _acquire(path: Path, command: str) -> tuple[int, dict]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLocked(locked_message(path, _read_holder(path))) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now(),
+              "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "token": uuid.uuid4().hex}
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
+    return fd, holder
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _release(fd: int, path: Path) -> None:
+    # removed while still locked: whoever opened it meanwhile sees a stale inode and retries
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def locked_message(path: Path, holder: dict) -> str:
+    """What a second process is told: who holds the run folder, since when, and what to do."""
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+    if holder.get("command"):
+        who += f" (`{holder['command']}`)"
+    return (f"{path}: this run folder is in use by {who}: wait until that run ends; if that process is gone, "
+            f"delete {path} and run again")
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Remove what an interrupted run left half-written in its folder (atomic-write temp files,
+    a checkpoint being saved); only called with the run lock held, so nobody is writing them."""
+    gone = [p for p in folder.rglob(".*.tmp") if p.is_file()]
+    gone += [p for p in (folder / "checkpoints").glob(".tmp-*") if p.is_dir()]
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if gone:
+        print(f"note: removed {len(gone)} temp file(s) an interrupted run left in {folder}", file=sys.stderr)
+    return gone
+
+
+def describe_os_error(e: OSError, where: str = "") -> str:
+    """One line for a failed file operation: the file, the reason and what to do."""
+    head = f"{e.filename or where}: {e.strerror or e}" if (e.filename or where) else str(e.strerror or e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{head}: the disk is full: free some space (checkpoints under runs/ and .cache/dbkit are the "
+                "largest) and run the same command again; training resumes from its latest checkpoint")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{head}: not writable here: make it writable, or write elsewhere (--reports <folder> for reports)"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"{head}: a name is too long for this file system: shorten the experiment name"
+    return f"{head}: check that path and the disk, then run the same command again"
+
+
+# ----------------------------------------------------------------------------- training progress
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a JSONL log such as train_log.jsonl. A line that does not parse (the last
+    one, torn by a kill or a full disk mid-write) is skipped with a warning naming the file."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            print(f"warning: {path}: line {n} is incomplete or not a JSON record (a run stopped while writing "
+                  "it?); skipped", file=sys.stderr)
+    return out
+
+
+def training_progress(folder: Path) -> tuple[int, int]:
+    """(last step in train_log.jsonl, step of the latest checkpoint): where an interrupted run
+    stopped and where `dbkit run` resumes it (0 = from the start)."""
+    with contextlib.redirect_stderr(io.StringIO()):  # the caller states the outcome itself
+        steps = [r["step"] for r in read_log(Path(folder) / "train_log.jsonl") if isinstance(r.get("step"), int)]
+    ckpts = sorted((Path(folder) / "checkpoints").glob("checkpoint-*"))
+    ckpt = int(ckpts[-1].name.rpartition("-")[2]) if ckpts and ckpts[-1].name.rpartition("-")[2].isdigit() else 0
+    return (steps[-1] if steps else 0), ckpt
 
 
 # ----------------------------------------------------------------------------- provenance

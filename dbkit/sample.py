@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .runs import atomic_write_bytes, atomic_write_json, cache_path, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_json
+from .runs import cache_path
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler"}

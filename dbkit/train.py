@@ -26,7 +26,7 @@ import torch
 from . import captions as cap
 from . import data, diffusion
 from .captions import effective_params, pivotal_tokens
-from .runs import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 
 
 class TrainingError(RuntimeError):
@@ -88,31 +88,14 @@ def load_parts(path: Path, family: str, p: dict) -> Parts:
 
 
 def check_combination(p: dict, family: str) -> None:
-    """Refuse, before any work, combinations that cannot train."""
-    t = p["train"]
-    if t["pivotal"]["enabled"] and p["captions"]["trigger"] == "none":
-        raise TrainingError("train.pivotal.enabled needs a token in the captions: set captions.trigger to "
-                            "identifier or word (the new tokens replace captions.identifier)")
-    if t["method"] in ("lora", "dora") and not (t["unet"] or t["text_encoder"] or t["pivotal"]["enabled"]):
-        raise TrainingError("nothing to train: set train.unet or train.text_encoder to true")
-    if t["optimizer"] == "prodigy" and t["lr"] < 0.1:
-        raise TrainingError(f"train.optimizer=prodigy adapts its own step size and expects train.lr≈1.0 "
-                            f"(got {t['lr']}); set train.lr: 1.0 and train.text_encoder_lr: 1.0")
-    convs = [m for m in t["lora"]["unet_targets"] if m.split(".")[-1].startswith("conv")]
-    if t["method"] == "dora" and t["unet"] and convs:
-        raise TrainingError(f"train.method=dora with convolution targets {convs}: diffusers cannot load DoRA "
-                            "convolutions back (meta-device error); remove them from train.lora.unet_targets")
-    if t["min_snr_gamma"] > 0 and (t["prediction"] == "edm" or family == "playground"):
-        raise TrainingError("train.min_snr_gamma is defined for DDPM timesteps, not EDM's σ: set it to 0 "
-                            "(EDM's λ(σ) weighting already balances noise levels)")
-    if t["log_with"] != "none":
-        import importlib.util
+    """Refuse combinations that cannot train. config.load makes these checks when the params
+    are loaded (before any data work); this repeats them for params built another way."""
+    from .config import ConfigError, check_training
 
-        if importlib.util.find_spec(t["log_with"]) is None:
-            raise TrainingError(f"train.log_with={t['log_with']} needs `pip install {t['log_with']}`; "
-                                "or set train.log_with: none (train_log.jsonl is always written)")
-    if t["mixed_precision"] == "fp16" and not torch.cuda.is_available():
-        raise TrainingError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    try:
+        check_training(p, family)
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
 
 
 def check_pivotal_captions(records: list[dict], p: dict) -> None:
@@ -632,9 +615,18 @@ def resume(tr: Trainer) -> int:
         start = load_checkpoint(last, tr.modules, tr.optimizer, tr.lr_sched, tr.ema,
                                 grad_accum=tr.p["train"]["grad_accum"])
     if tr.log_path.exists():
-        kept = [line for line in tr.log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        atomic_write_text(tr.log_path, "".join(line + "\n" for line in kept))
+        # a torn last line (killed mid-write) is dropped here with a warning, not appended to
+        kept = [rec for rec in read_train_log(tr.log_path) if rec.get("step", 0) <= start]
+        atomic_write_text(tr.log_path, "".join(json.dumps(rec) + "\n" for rec in kept))
     return start
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """train_log.jsonl's records; a line that does not parse is skipped with a warning naming
+    the file (json.dumps of a parsed record gives back the line it was written as)."""
+    from .runs import read_log
+
+    return read_log(path)
 
 
 # --------------------------------------------------------------------------- the loop's step

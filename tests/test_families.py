@@ -43,8 +43,10 @@ def test_method_family_pair_trains_and_generates(in_tmp, family_bases, family, m
 
 
 def test_edm_on_an_sd15_base_fails_before_training(in_tmp, family_bases):
-    p = config.load("params/base.yaml", [f"base.model={family_bases['sd15']}", "train.prediction=edm",
-                                         "experiment=x"]).params
+    overrides = [f"base.model={family_bases['sd15']}", "train.prediction=edm", "experiment=x"]
+    with pytest.raises(config.ConfigError, match=r"'train\.prediction' is edm but base\.model is a sd15"):
+        config.load("params/base.yaml", overrides)  # at params load, before any data work
+    p = config.load("params/base.yaml", overrides, check_files=False).params  # the base unread: the trainer refuses
     with pytest.raises(train.TrainingError, match="EDM"):
         train.load_parts(family_bases["sd15"], "sd15", p)
 

@@ -93,7 +93,8 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
     out = runner.run_experiment(params, [], notebooks_dir=nbs, reports_root=reports,
                                 only=["01_data", "05_report"], progress=False)
 
-    assert out == reports / "exp-ok"
+    exp = config.load(params)
+    assert out == reports / "exp-ok" / exp.hash[:12]  # one version folder per params hash
     pages = {p.name: p.read_text(encoding="utf-8") for p in
              (out / "01_data.html", out / "05_report.html", out / "index.html")}
     for name, page in pages.items():
@@ -106,16 +107,19 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
     assert "width:100.0%" in pages["01_data.html"]  # the tqdm widget shows its final state
     assert '<a href="01_data.html"' in pages["index.html"]
     assert '<a href="04_ablations.html"' in pages["index.html"]
-    assert (out / "01_data.ipynb").is_file() and not list(out.glob(".*.ipynb"))
+    assert (out / "01_data.ipynb").is_file() and not list(out.parent.rglob(".*"))  # no staging or temp left
+    assert '<a href="../../index.html">All experiments</a>' in pages["index.html"]
 
-    exp = config.load(params)
     rdir = workdir / "runs" / "exp-ok" / exp.hash[:12]
     assert (rdir / "from_01.txt").read_text() == "42"
     assert set(json.loads((rdir / "timings.json").read_text())) == {"01_data", "05_report"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == {"value": 42} and summary["hash"] == exp.hash
     index = (reports / "index.html").read_text(encoding="utf-8")
-    assert 'href="exp-ok/index.html"' in index and "it works" in index and not EXTERNAL.findall(index)
+    assert f'href="exp-ok/{exp.hash[:12]}/index.html"' in index and "it works" in index
+    assert not EXTERNAL.findall(index)
+    versions = (reports / "exp-ok" / "index.html").read_text(encoding="utf-8")  # the experiment's versions
+    assert f'<a href="{exp.hash[:12]}/index.html">' in versions and "latest" in versions
 
 
 def test_failing_cell_stops_the_run_and_is_reported(workdir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -132,12 +136,13 @@ def test_failing_cell_stops_the_run_and_is_reported(workdir: Path, capsys: pytes
     err = capsys.readouterr().err
     m = re.search(r"FAILED: 03_train\.ipynb, cell (\d+): ValueError: loss is nan at step 7", err)
     assert m, err
-    html_path = workdir / "reports" / "exp-fail" / "03_train.html"
-    assert str(Path("reports") / "exp-fail" / "03_train.html") in err
-    page = html_path.read_text(encoding="utf-8")
+    failed = Path("reports") / "exp-fail" / f"failed-{config.load(params).hash[:12]}"
+    assert f"see {failed / '03_train.html'}" in err  # failed pages go aside, named
+    page = (workdir / failed / "03_train.html").read_text(encoding="utf-8")
     assert "training" in page and "loss is nan at step 7" in page  # the partial outputs and the error
     assert not (workdir / "ablations_ran.txt").exists()
-    assert not (workdir / "reports" / "exp-fail" / "04_ablations.ipynb").exists()
+    assert not (workdir / failed / "04_ablations.ipynb").exists()
+    assert sorted(p.name for p in (workdir / "reports" / "exp-fail").iterdir()) == [failed.name, "index.html"]
     assert "Traceback (most recent call last)" not in err
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbkit import config, runs
+from dbkit import config, files, runs
 
 
 def exp_with(tmp_path: Path, **sections: object) -> config.Experiment:
@@ -19,28 +19,28 @@ def exp_with(tmp_path: Path, **sections: object) -> config.Experiment:
 
 def test_atomic_write_replaces_content_and_leaves_no_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "deep" / "er" / "f.txt"
-    runs.atomic_write_text(target, "one")
-    runs.atomic_write_text(target, "two")
+    files.atomic_write_text(target, "one")
+    files.atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert os.listdir(target.parent) == ["f.txt"]
     assert target.stat().st_mode & 0o777 == 0o644
-    runs.atomic_write_bytes(target, b"\x00\x01")
+    files.atomic_write_bytes(target, b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
-    runs.atomic_write_json(target, {"a": 1})
+    files.atomic_write_json(target, {"a": 1})
     with pytest.raises(TypeError):
-        runs.atomic_write_json(target, {"a": object()})
-    assert runs.read_json(target) == {"a": 1}
+        files.atomic_write_json(target, {"a": object()})
+    assert files.read_json(target) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]
 
 
 def test_read_json_default_and_paths(tmp_path: Path) -> None:
-    assert runs.read_json(tmp_path / "missing.json", default={"x": 0}) == {"x": 0}
-    runs.atomic_write_json(tmp_path / "p.json", {"where": Path("a/b")})
-    assert runs.read_json(tmp_path / "p.json") == {"where": "a/b"}
+    assert files.read_json(tmp_path / "missing.json", default={"x": 0}) == {"x": 0}
+    files.atomic_write_json(tmp_path / "p.json", {"where": Path("a/b")})
+    assert files.read_json(tmp_path / "p.json") == {"where": "a/b"}
 
 
 def test_run_dir_reused_for_same_params_and_new_for_changed(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_provenance_keys(tmp_path: Path) -> None:
     exp = exp_with(tmp_path, seed=42)
     folder = runs.run_dir(exp, root=tmp_path)
     info = runs.write_provenance(folder, exp, "data")
-    assert runs.read_json(folder / "provenance.json") == {"stages": {"data": info}}
+    assert files.read_json(folder / "provenance.json") == {"stages": {"data": info}}
     assert {"git_commit", "git_dirty", "python", "platform", "packages", "device", "params_hash", "seed",
             "timestamp", "data_fingerprint"} <= info.keys()
     assert info["data_fingerprint"] and len(info["data_fingerprint"]) == 16
@@ -110,14 +110,14 @@ def test_each_stage_keeps_its_own_provenance(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(runs, "_git", lambda *a: "b" * 40 if a[0] == "rev-parse" else " M x.py\n")
     monkeypatch.setattr(runs, "utc_now", lambda: "2024-02-02T00:00:00+00:00")
     runs.write_provenance(folder, exp, "report")  # re-running only the report, a month later
-    stages = runs.read_json(folder / "provenance.json")["stages"]
+    stages = files.read_json(folder / "provenance.json")["stages"]
     assert list(stages) == ["data", "train", "report"]
     assert stages["train"]["git_commit"] == "a" * 40 and stages["train"]["git_dirty"] is False
     assert stages["train"]["timestamp"] == "2024-01-01T00:00:00+00:00"
     assert stages["train"]["finished"] == "2024-01-01T01:00:00+00:00"
     assert stages["report"]["git_commit"] == "b" * 40 and stages["report"]["git_dirty"] is True
     # an older dbkit's single record is read as one record of unknown stage
-    runs.atomic_write_json(folder / "provenance.json", {"git_commit": "c" * 40})
+    files.atomic_write_json(folder / "provenance.json", {"git_commit": "c" * 40})
     assert runs.read_provenance(folder) == {"stages": {"unknown": {"git_commit": "c" * 40}}}
     assert runs.read_provenance(tmp_path / "nowhere") == {"stages": {}}
 
@@ -126,7 +126,7 @@ def test_record_timing_merges(tmp_path: Path) -> None:
     runs.record_timing(tmp_path, "train", 12.34567)
     runs.record_timing(tmp_path, "sample", 1.5)
     runs.record_timing(tmp_path, "train", 13.0)
-    assert runs.read_json(tmp_path / "timings.json") == {"train": 13.0, "sample": 1.5}
+    assert files.read_json(tmp_path / "timings.json") == {"train": 13.0, "sample": 1.5}
 
 
 def test_cache_path_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +150,7 @@ def test_training_provenance_is_written_when_training_runs_not_when_a_run_is_reu
 
     exp, rd = workflow.open_experiment("params/base.yaml", ["experiment=prov"], stage="data")
     (rd / "captions.jsonl").write_text("")
-    runs.atomic_write_json(rd / "data.json", {"class_dir": None})
+    files.atomic_write_json(rd / "data.json", {"class_dir": None})
     sessions = []
 
     def fake_train(p, run_dir, records, **kw):  # stands in for the trainer: what it saw, then its output

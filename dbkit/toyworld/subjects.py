@@ -151,7 +151,7 @@ def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
     """Write :func:`folder_files` into `folder`. Files that already hold exactly these bytes
     are left alone; any other (from an older dbkit, or edited by hand) is rewritten: the
     folder is ours, not the user's, and must hold what its spec's fingerprint describes."""
-    from ..runs import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in folder_files(subject, n).items():  # metadata.jsonl last
