@@ -142,6 +142,10 @@ def train_and_capture(in_tmp, base, family: str, extra: list[str]):
 
 def check_artifacts(p: dict, out, live: dict, prompt: str, base, family: str) -> None:
     t = p["train"]
+    # the latent comparisons below mean something only if training moved the model: an
+    # artifact that silently held the base (e.g. a pipeline folder of untouched weights) fails
+    untouched = probe(plain_pipeline(base, family, live["pipe"]), prompt)["latents"]
+    assert (untouched - live["latents"]).abs().max() > 1e-3, "training did not change the latents (test too weak)"
     if t["method"] == "full":
         pipe = models.load_pipeline(out / "pipeline", family)
         pipe.scheduler = type(live["pipe"].scheduler).from_config(live["pipe"].scheduler.config)
