@@ -76,8 +76,8 @@ class Playground:
         return images, [self.reading(img) for img in images]
 
     def reading(self, img: Image.Image) -> dict:
-        if self.exp.params["base"]["model"] != "toyworld":
-            return {}
+        if self.exp.params["base"]["model"] != "toyworld" and self.subject() is None:
+            return {}  # the oracle reads the toy world's renderings only
         from .toyworld import oracle
 
         found = oracle.read(img).as_dict()
