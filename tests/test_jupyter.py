@@ -8,6 +8,7 @@ exported files, and a checkpoint's with an independent run stopped at that step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbkit import paths, playground, workflow
+from dbkit import paths, playground, runner, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("train: {steps: 4, batch_size: 2, save_every: 2, sample_every: 0, lr: 0.01, text_encoder_lr: 0.01}\n"
@@ -85,20 +86,21 @@ def trained(tmp_path_factory, tiny_base: Path):
     """A 4-step run with a checkpoint at step 2, and an independent run of the same params that
     stops at step 2 (trained once for the module: training dominates these tests' time)."""
     tmp = tmp_path_factory.mktemp("playground")
-    (tmp / "params").symlink_to(ROOT / "params")
-    (tmp / "exp.yaml").write_text(f"extends: params/base.yaml\nexperiment: pg\nbase: {{model: {tiny_base}}}\n"
-                                  + TINY)
+    (tmp / "params").mkdir()
+    (tmp / "params" / "base.yaml").symlink_to(ROOT / "params" / "base.yaml")
+    (tmp / "params" / "exp.yaml").write_text(f"extends: base.yaml\nexperiment: pg\nbase: {{model: {tiny_base}}}\n"
+                                             + TINY)
     runs = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
         mp.setenv("DBKIT_CACHE", str(tmp / ".cache"))
         for extra in ([], ["train.steps=2", "experiment=pg2"]):
-            exp, rd = workflow.open_experiment(str(tmp / "exp.yaml"), extra)
+            exp, rd = workflow.open_experiment(str(tmp / "params" / "exp.yaml"), extra)
             workflow.prepare_data(exp, rd)
             workflow.prepare_captions(exp, rd)
             workflow.run_training(exp, rd, progress=False)
             runs.append((exp, tmp / rd))
-    return runs
+    return runs, tmp
 
 
 def plain_diffusers(base: Path, lora_dir: Path, prompt: str, seeds: list[int], scale: float):
@@ -117,7 +119,7 @@ def plain_diffusers(base: Path, lora_dir: Path, prompt: str, seeds: list[int], s
 def test_playground_draws_what_the_exported_files_hold(trained, tiny_base: Path) -> None:
     import numpy as np
 
-    exp, rd = trained[0]
+    exp, rd = trained[0][0]
     pg = playground.Playground(exp, rd)
     assert list(playground.sources(rd)) == ["final output", "step 2"]
     images, readings = pg.draw("a photo of {subject}", seeds=[3, 4], steps=3, guidance=2.5, scheduler="ddim",
@@ -134,7 +136,7 @@ def test_playground_draws_what_the_exported_files_hold(trained, tiny_base: Path)
 def test_playground_checkpoint_is_the_run_stopped_at_that_step(trained) -> None:
     import numpy as np
 
-    (exp, rd), (exp2, rd2) = trained
+    (exp, rd), (exp2, rd2) = trained[0]
     pg = playground.Playground(exp, rd)
     at2, _ = pg.draw("a {subject}", source="step 2", seeds=[0], steps=3)
     assert (rd / "checkpoints" / "checkpoint-000002" / "output" / "pytorch_lora_weights.safetensors").exists()
@@ -146,7 +148,7 @@ def test_playground_checkpoint_is_the_run_stopped_at_that_step(trained) -> None:
 
 
 def test_playground_widget_callback_fills_the_image_and_says_what_is_wrong(trained) -> None:
-    exp, rd = trained[0]
+    exp, rd = trained[0][0]
     pg = playground.Playground(exp, rd)
     box = pg.widget()
     controls = {type(c).__name__: c for c in box.children}
@@ -157,3 +159,61 @@ def test_playground_widget_callback_fills_the_image_and_says_what_is_wrong(train
     seeds.value = "1, x"
     pg.on_draw()
     assert "cannot draw" in info.value
+
+
+CHROMIUM = runner.find_chromium()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (`make test` installs Debian's chromium)")
+def test_jupyterlab_runs_03_train_and_the_playground_draws_a_typed_prompt(trained, tmp_path: Path) -> None:
+    """JupyterLab as a user meets it: open notebooks/03_train.ipynb, Run All, type a prompt, Draw."""
+    from lab_browser import Browser, kernel_env, lab
+
+    root = trained[1]
+    nb = json.loads((ROOT / "notebooks" / "03_train.ipynb").read_text())
+    params_cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    params_cell["source"] = ['params_path = "params/exp.yaml"\n', "overrides = []\n", 'run_dir = ""']
+    (root / "notebooks").mkdir(exist_ok=True)
+    (root / "notebooks" / "03_train.ipynb").write_text(json.dumps(nb))
+    env = {**kernel_env(), "DBKIT_CACHE": str(root / ".cache")}
+    env.pop(paths.ROOT_ENV, None)
+    with lab(root, env, tmp_path / "lab.log") as served:
+        url, token = served.split("|")
+        browser = Browser(CHROMIUM)
+        try:
+            browser.open(f"{url}/lab/tree/notebooks/03_train.ipynb?token={token}&reset")
+            # the notebook panel (headless, nothing has focus, so shell.currentWidget stays null)
+            panel = ("(window.jupyterapp && Array.from(jupyterapp.shell.widgets('main'))"
+                     ".find(x => x.sessionContext))")
+            idle = (f"(() => {{const w = {panel}; const s = w && w.sessionContext.session;"
+                    " return !!(s && s.kernel) && s.kernel.status === 'idle';})()")
+            browser.wait_for(idle, 120, "the notebook's kernel")
+            browser.js(f"(() => {{jupyterapp.shell.activateById({panel}.id);"
+                       " return jupyterapp.commands.execute('notebook:run-all-cells');})()")
+            done = (f"(() => {{const w = {panel}; const cells = w.content.widgets;"
+                    " return cells.every(c => c.model.type !== 'code' || c.model.executionCount)"
+                    " && w.sessionContext.session.kernel.status === 'idle';})()")
+            browser.wait_for(done, 240, "Run All to finish")
+            errors = browser.js("document.querySelectorAll('.jp-OutputArea-output[data-mime-type*=error]').length")
+            assert errors == 0, browser.js("document.querySelector('.jp-OutputArea-output[data-mime-type*=error]')"
+                                           ".innerText")
+            first = browser.wait_for("(() => {const i = document.querySelector('.jupyter-widgets img');"
+                                     " return i && i.src.startsWith('blob:') && i.naturalWidth > 0 && i.src;})()",
+                                     60, "the playground's first image")
+            browser.js("""(() => {const input = document.querySelector('.widget-text input');
+                input.value = 'a {subject} on green'; input.dispatchEvent(new Event('input', {bubbles: true}));
+                input.dispatchEvent(new Event('change', {bubbles: true}));
+                [...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Draw').click();})()""")
+            browser.wait_for(f"(() => {{const i = document.querySelector('.jupyter-widgets img');"
+                             f" return i.src !== {json.dumps(first)} && i.naturalWidth > 0;}})()", 60,
+                             "the image for the typed prompt")
+            browser.js("document.querySelector('.jupyter-widgets img').scrollIntoView()")
+            shot = browser.screenshot(tmp_path / "lab.png")
+            if os.environ.get("DBKIT_LAB_SCREENSHOT"):
+                shutil.copy(shot, os.environ["DBKIT_LAB_SCREENSHOT"])
+            assert not runner.is_blank(shot)
+            assert "on green" in browser.js("document.querySelector('.jupyter-widgets img').closest('.jp-OutputArea')"
+                                            ".innerText + [...document.querySelectorAll('.widget-text input')]"
+                                            ".map(i => i.value).join(' ')")
+        finally:
+            browser.close()
