@@ -28,12 +28,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import runner
+    from . import paths, runner
 
+    cwd = Path.cwd()
+    params, _ = paths.enter_project(args.params)  # runs/, reports/, data/ belong to the project root
+    reports = paths.absolute_from(args.reports, cwd) if args.reports else Path("reports")
     # errors end in main(): NotebookFailed is printed by run_experiment, the others there
-    out = runner.run_experiment(args.params, args.param, reports_root=Path(args.reports),
-                                notebooks_dir=Path(args.notebooks) if args.notebooks else None, only=args.only,
-                                progress=not args.no_progress)
+    out = runner.run_experiment(params, args.param, reports_root=reports,
+                                notebooks_dir=paths.absolute_from(args.notebooks, cwd) if args.notebooks else None,
+                                only=args.only, progress=not args.no_progress)
     index = out / "index.html"
     print(f"report: {index if index.exists() else out}")
     return 0
@@ -42,7 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import runner
 
-    print(runner.build_index(Path(args.reports)))
+    print(runner.build_index(Path(args.reports or "reports")))
     return 0
 
 
@@ -80,9 +83,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from . import runner, runs, workflow
+    from . import paths, runner, runs, workflow
 
     state = PartialState()
+    args.params = str(paths.enter_project(args.params)[0])  # runs/ and data/ belong to the project root
     exp, rd = workflow.open_experiment(args.params, args.p)
     command = shlex.join(["dbkit", "train", args.params, *(x for o in args.p for x in ("-p", o))])
     # the main process holds the run folder for the whole command; run_training's own lock passes through
@@ -181,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", action="extend", metavar="NOTEBOOK",
                    help="run only these notebooks, e.g. --only 03_train 05_report (they read earlier "
                         "notebooks' files from the run folder)")
-    p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    p.add_argument("--reports", default="", help="reports folder (default: reports/ in the project root)")
     p.add_argument("--notebooks", default="", help="notebooks folder (default: dbkit's own, wherever you run "
                                                    "dbkit from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -375,12 +375,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema, grad_accum: int = 1) -> int:
-    state = torch.load(path / "state.pt", weights_only=False)
-    if state.get("grad_accum", 1) != grad_accum:  # older dbkit counted micro-batches as steps
-        raise TrainingError(f"{path} counts steps of {state.get('grad_accum', 1)} micro-batch(es), this run of "
-                            f"train.grad_accum={grad_accum}: delete {path.parent} to train afresh")
-    params = dict(state["params"])
+def load_weights(saved: dict[str, torch.Tensor], modules: dict) -> None:
+    """Copy a checkpoint's trainable parameters and token embeddings into the modules."""
+    params = dict(saved)
     with torch.no_grad():
         for name, m in modules.items():
             if f"{name}.__embeddings__" in params:
@@ -390,6 +387,32 @@ def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema, grad_ac
                 key = f"{name}.{k}"
                 if key in params:
                     v.copy_(params[key])
+
+
+def export_checkpoint(ckpt: Path, p: dict, base_path: Path, family: str, caption_records: list[dict]) -> Path:
+    """A checkpoint written as an output folder (``checkpoint-N/output``, made once: a checkpoint
+    folder never changes after its rename), so a checkpoint is sampled through the same files
+    and public loaders as the final model. These are the raw weights: EMA, if on, is not in them."""
+    out = ckpt / "output"
+    if (out / "training_metadata.json").exists():
+        return out
+    p = effective_params(p)
+    torch.manual_seed(p["seed"])  # the LoRA layers' initialisation is overwritten below; seeded anyway
+    parts = load_parts(base_path, family, p)
+    new_ids = add_pivotal_tokens(parts, p) if p["train"]["pivotal"]["enabled"] else []
+    apply_method(parts, p)
+    modules = {"unet": parts.unet, **dict(zip(parts.te_names, parts.text_encoders))}
+    load_weights(torch.load(ckpt / "state.pt", weights_only=False)["params"], modules)
+    save_output(out, parts, modules, p, family, base_path, caption_records, new_ids)
+    return out
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema, grad_accum: int = 1) -> int:
+    state = torch.load(path / "state.pt", weights_only=False)
+    if state.get("grad_accum", 1) != grad_accum:  # older dbkit counted micro-batches as steps
+        raise TrainingError(f"{path} counts steps of {state.get('grad_accum', 1)} micro-batch(es), this run of "
+                            f"train.grad_accum={grad_accum}: delete {path.parent} to train afresh")
+    load_weights(state["params"], modules)
     optimizer.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
     if ema is not None and state["ema"] is not None:

@@ -16,21 +16,63 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, metrics, models, runs, sample
+from . import config, data, export, metrics, models, paths, runs, sample
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
 def open_experiment(params_path: str, overrides: list[str] | None = None,
-                    run_dir: str = "", stage: str = "") -> tuple[config.Experiment, Path]:
+                    run_dir: str = "", stage: str = "", needs: str = "") -> tuple[config.Experiment, Path]:
     """Load and validate the params, find (or create) the run folder, and record `stage`'s
     provenance (the notebook's: data, captions, ablations, report). Training records its own
-    in run_training, only when it actually trains, so 03_train passes no stage."""
-    exp = config.load(params_path, overrides or [])
-    rd = Path(run_dir) if run_dir else runs.run_dir(exp)
+    in run_training, only when it actually trains, so 03_train passes no stage.
+
+    Works from any folder: the params file is searched from the cwd upwards and the process
+    moves to the project root (dbkit.paths), so a kernel JupyterLab started in notebooks/
+    writes to the same runs/ and reports/ as `dbkit run`. A relative `run_dir` is taken from
+    where the caller stood. `needs` (a notebook name) refuses to start, in one line naming the
+    notebook to run first, when that notebook's inputs are missing."""
+    cwd = Path.cwd()
+    params_file, _ = paths.enter_project(params_path)  # JupyterLab's kernel starts in notebooks/
+    exp = config.load(params_file, overrides or [])
+    rd = paths.absolute_from(run_dir, cwd) if run_dir else runs.run_dir(exp)
+    missing = missing_inputs(rd, needs)
+    if missing:
+        raise MissingInput(missing)
     rd.mkdir(parents=True, exist_ok=True)
     if stage:
         runs.write_provenance(rd, exp, stage)
     return exp, rd
+
+
+# the files each notebook reads, and the notebook that writes them
+NEEDS = {
+    "02_captions": [("manifest.jsonl", "01_data")],
+    "03_train": [("data.json", "01_data"), ("captions.jsonl", "02_captions")],
+    "04_ablations": [("output", "03_train")],
+    "05_report": [("output", "03_train"), ("ablation.json", "04_ablations")],
+}
+
+
+class MissingInput(RuntimeError):
+    """An earlier notebook has not run for this experiment. Jupyter shows it as one line."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook: no traceback for a user's ordering slip
+        return [f"MissingInput: {self}"]
+
+
+def missing_inputs(rd: Path, needs: str) -> str:
+    """'' when `needs`' inputs are in the run folder, else which notebook to run first."""
+    for name, writer in NEEDS.get(needs, []):
+        if not (rd / name).exists():
+            return (f"{rd / name} is missing: run notebooks/{writer}.ipynb first with the same params_path "
+                    f"and overrides (or `dbkit run <params> --only {writer} {needs}`)")
+    return ""
+
+
+def header(exp: config.Experiment, rd: Path) -> str:
+    """The first line every notebook shows: which params file, project root and run folder."""
+    return (f"**{exp.name}** · params `{exp.path}` · params hash `{exp.hash[:12]}` · project root "
+            f"`{Path.cwd()}` · run folder `{rd}`")
 
 
 def base_of(p: dict) -> tuple[Path, str]:
