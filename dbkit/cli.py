@@ -28,15 +28,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import paths, runner
+    from . import paths, runner, runqueue
 
     cwd = Path.cwd()
-    params, _ = paths.enter_project(args.params)  # runs/, reports/, data/ belong to the project root
-    reports = paths.absolute_from(args.reports, cwd) if args.reports else Path("reports")
+    files = [paths.find_params(f) for f in args.params]  # before the move to the project root
+    params, root = paths.enter_project(files[0])  # runs/, reports/, data/ belong to the project root
+    reports = paths.absolute_from(args.reports, cwd, root) if args.reports else Path("reports")
+    kw = {"notebooks_dir": paths.absolute_from(args.notebooks, cwd, root) if args.notebooks else None,
+          "only": args.only, "progress": not args.no_progress}
+    if len(files) > 1:  # a queue: finished ones are skipped, a failure does not stop the others
+        names = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]
+        outcomes = runqueue.run_queue(names, args.param, reports_root=reports, **kw)
+        print(runqueue.summary(outcomes))
+        return 1 if any(o.status == "failed" for o in outcomes) else 0
     # errors end in main(): NotebookFailed is printed by run_experiment, the others there
-    out = runner.run_experiment(params, args.param, reports_root=reports,
-                                notebooks_dir=paths.absolute_from(args.notebooks, cwd) if args.notebooks else None,
-                                only=args.only, progress=not args.no_progress)
+    out = runner.run_experiment(params, args.param, reports_root=reports, **kw)
     index = out / "index.html"
     print(f"report: {index if index.exists() else out}")
     return 0
@@ -179,7 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = add("run", help="validate params, run the notebooks with papermill, write HTML reports")
-    p.add_argument("params", help="params YAML, e.g. params/demo.yaml")
+    p.add_argument("params", nargs="+", help="params YAML, e.g. params/demo.yaml; several (params/notes/*.yaml) "
+                   "run in order as a queue: already published ones are skipped, a failed one does not stop "
+                   "the others, a summary ends it")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param (repeatable), e.g. -p train.lora.rank=32")
     p.add_argument("--only", nargs="+", action="extend", metavar="NOTEBOOK",

@@ -72,7 +72,11 @@ def enter_project(params_path: str | Path) -> tuple[Path, Path]:
         return params_file, root
 
 
-def absolute_from(path: str | Path, cwd: Path) -> Path:
-    """A path the user typed in ``cwd`` before :func:`enter_project` moved the process there."""
+def absolute_from(path: str | Path, cwd: Path, root: Path | None = None) -> Path:
+    """A path the user typed in ``cwd`` before :func:`enter_project` moved the process; relative
+    to ``root`` when it lies under it (so messages show it as the user would type it there)."""
     p = Path(path)
-    return p if p.is_absolute() else _absolute(cwd / p)
+    p = p if p.is_absolute() else _absolute(cwd / p)
+    if root is not None and p.is_relative_to(root):
+        return p.relative_to(root)
+    return p

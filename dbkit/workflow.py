@@ -32,9 +32,9 @@ def open_experiment(params_path: str, overrides: list[str] | None = None,
     where the caller stood. `needs` (a notebook name) refuses to start, in one line naming the
     notebook to run first, when that notebook's inputs are missing."""
     cwd = Path.cwd()
-    params_file, _ = paths.enter_project(params_path)  # JupyterLab's kernel starts in notebooks/
+    params_file, root = paths.enter_project(params_path)  # JupyterLab's kernel starts in notebooks/
     exp = config.load(params_file, overrides or [])
-    rd = paths.absolute_from(run_dir, cwd) if run_dir else runs.run_dir(exp)
+    rd = paths.absolute_from(run_dir, cwd, root) if run_dir else runs.run_dir(exp)
     missing = missing_inputs(rd, needs)
     if missing:
         raise MissingInput(missing)

@@ -236,7 +236,8 @@ CASES = [
     ("invalid YAML", write_params("broken.yaml", "train: [steps: 4\n"),
      r"^error: params/broken\.yaml: line 2: invalid YAML \(.*\): fix the syntax there$", 2, False),
     ("params file missing", lambda w: w.argv(params="params/nope.yaml"),
-     r"^error: params/nope\.yaml: params file not found$", 2, False),
+     r"^error: params/nope\.yaml: params file not found \(looked in \S+ and every folder above it\): pass a path "
+     r"relative to the project root, e.g\. params/demo\.yaml$", 2, False),
     ("extends a missing file", write_params("orphan.yaml", "extends: nope.yaml\n"),
      r"^error: params/orphan\.yaml: 'extends: nope\.yaml' not found \(looked for params/nope\.yaml\)", 2, False),
     ("caption sidecar not UTF-8", sidecar("p0.txt", b"a photo of sks star, caf\xe9\n"),
