@@ -48,6 +48,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    a, b = compare.run_folder(args.a), compare.run_folder(args.b)
+    diff = compare.differences(a, b)
+    print(compare.as_text(a, b, diff))
+    if args.html:
+        print(compare.write_html(a, b, diff, Path(args.html)))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import runner
 
@@ -198,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
                                                    "dbkit from)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
+
+    p = add("compare", help="what differs between two runs: params, metrics, grids side by side")
+    p.add_argument("a", help="a run folder (runs/<experiment>/<hash>) or a params file")
+    p.add_argument("b", help="the other run folder or params file")
+    p.add_argument("--html", default="", help="also write a self-contained page with both runs' grids side by side")
+    p.set_defaults(func=_cmd_compare)
 
     p = add("report", help="rebuild reports/index.html from every experiment's summary.json")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
