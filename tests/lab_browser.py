@@ -79,7 +79,7 @@ class Browser:
             raise RuntimeError("chromium did not open a DevTools port")
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         page = next(p for p in pages if p["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60,
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=180,
                                               suppress_origin=True)
         self._id = 0
 

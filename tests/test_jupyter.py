@@ -188,8 +188,9 @@ def test_jupyterlab_runs_03_train_and_the_playground_draws_a_typed_prompt(traine
             idle = (f"(() => {{const w = {panel}; const s = w && w.sessionContext.session;"
                     " return !!(s && s.kernel) && s.kernel.status === 'idle';})()")
             browser.wait_for(idle, 120, "the notebook's kernel")
+            # not awaited: the command's promise settles only when every cell has run
             browser.js(f"(() => {{jupyterapp.shell.activateById({panel}.id);"
-                       " return jupyterapp.commands.execute('notebook:run-all-cells');})()")
+                       " jupyterapp.commands.execute('notebook:run-all-cells'); return true;})()")
             done = (f"(() => {{const w = {panel}; const cells = w.content.widgets;"
                     " return cells.every(c => c.model.type !== 'code' || c.model.executionCount)"
                     " && w.sessionContext.session.kernel.status === 'idle';})()")
