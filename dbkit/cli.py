@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     kw = {"notebooks_dir": paths.absolute_from(args.notebooks, cwd, root) if args.notebooks else None,
           "only": args.only, "progress": not args.no_progress}
     if len(files) > 1:  # a queue: finished ones are skipped, a failure does not stop the others
-        names = [str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in files]
+        names = [str(paths.absolute_from(f, cwd, root)) for f in files]
         outcomes = runqueue.run_queue(names, args.param, reports_root=reports, **kw)
         print(runqueue.summary(outcomes))
         return 1 if any(o.status == "failed" for o in outcomes) else 0

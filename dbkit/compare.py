@@ -44,22 +44,10 @@ def _params(rd: Path) -> dict:
     return yaml.safe_load((rd / "params.yaml").read_text(encoding="utf-8")) or {}
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out |= _flat(v, key + ".")
-        else:
-            out[key] = v
-    return out
-
-
 def differences(a: Path, b: Path) -> dict[str, dict[str, tuple[Any, Any]]]:
     """{"params": {key: (a, b)}, "metrics": {key: (a, b)}}, only keys whose values differ."""
-    fa, fb = _flat(read_json(a / "metrics.json") or {}), _flat(read_json(b / "metrics.json") or {})
-    metrics = {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)}
-    return {"params": config.diff(_params(a), _params(b)), "metrics": metrics}
+    return {"params": config.diff(_params(a), _params(b)),
+            "metrics": config.diff(read_json(a / "metrics.json") or {}, read_json(b / "metrics.json") or {})}
 
 
 def as_text(a: Path, b: Path, diff: dict) -> str:

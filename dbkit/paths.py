@@ -66,10 +66,7 @@ def enter_project(params_path: str | Path) -> tuple[Path, Path]:
     root = project_root(params_file)
     if _absolute(Path.cwd()) != root:
         os.chdir(root)
-    try:
-        return params_file.relative_to(root), root
-    except ValueError:
-        return params_file, root
+    return absolute_from(params_file, root, root), root
 
 
 def absolute_from(path: str | Path, cwd: Path, root: Path | None = None) -> Path:

@@ -20,7 +20,7 @@ from . import captions as cap
 from . import config, export, sample, train, workflow
 
 FINAL = "final output"
-SCHEDULERS = ("ddim", "euler", "dpm++")
+SCHEDULERS = tuple(sample.SCHEDULERS)
 
 
 def sources(rd: Path) -> dict[str, Path]:
@@ -39,11 +39,12 @@ class Playground:
     def __init__(self, exp: config.Experiment, rd: Path) -> None:
         self.exp, self.rd = exp, Path(rd)
         self.base_path, self.family = workflow.base_of(exp.params)
-        self._loaded: tuple[Any, Any] | None = None  # ((source, lora_scale), pipeline)
+        self._loaded: tuple[str, Any, bool] | None = None  # (source, pipeline, has a LoRA)
 
     def pipeline(self, source: str, lora_scale: float):
-        key = (source, lora_scale)
-        if self._loaded is None or self._loaded[0] != key:
+        """The pipeline of `source` with its LoRA (if any) at `lora_scale`; loaded once per source,
+        since a scale is only the adapter's weight."""
+        if self._loaded is None or self._loaded[0] != source:
             found = sources(self.rd)
             if source not in found:
                 raise ValueError(f"{self.rd}: no {source!r} to sample (have: {', '.join(found) or 'nothing'}): "
@@ -53,8 +54,11 @@ class Playground:
                 records = workflow.read_jsonl(self.rd / "captions.jsonl")
                 out = train.export_checkpoint(out, self.exp.params, self.base_path, self.family, records)
             pipe = export.load_trained(out, self.base_path, self.family, lora_scale=lora_scale)
-            self._loaded = (key, pipe)
-        return self._loaded[1]
+            self._loaded = (source, pipe, (out / export.LORA_FILE).exists())
+        _, pipe, has_lora = self._loaded
+        if has_lora:  # the adapter name export.load_trained gives
+            pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
+        return pipe
 
     def draw(self, prompt: str, *, source: str = FINAL, negative_prompt: str = "", seeds: list[int] | None = None,
              steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
@@ -76,12 +80,12 @@ class Playground:
         return images, [self.reading(img) for img in images]
 
     def reading(self, img: Image.Image) -> dict:
-        if self.exp.params["base"]["model"] != "toyworld" and self.subject() is None:
+        subject = self.subject()
+        if self.exp.params["base"]["model"] != "toyworld" and subject is None:
             return {}  # the oracle reads the toy world's renderings only
         from .toyworld import oracle
 
         found = oracle.read(img).as_dict()
-        subject = self.subject()
         if subject is not None:
             found["subject signature"] = round(oracle.signature_score(img, subject), 2)
         return found
