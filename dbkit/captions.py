@@ -66,7 +66,9 @@ def _toyworld_scene(record: dict | None, file: str):
     if not record or "background" not in record:
         raise DataError(f"{file}: captions.source=toyworld needs a metadata.jsonl record with background/"
                         "position/size (toy-world subject folders have one); use another caption source")
-    obj = scenes.SceneObject(record.get("class_noun", "star"), "red", "plain", record["size"], record["position"])
+    # a subject's own paint replaces colour and pattern; a style's images show ordinary objects
+    colour, pattern = (record["colour"], record["pattern"]) if "style" in record else ("red", "plain")
+    obj = scenes.SceneObject(record.get("class_noun", "star"), colour, pattern, record["size"], record["position"])
     return scenes.Scene(record["background"], (obj,))
 
 
@@ -101,6 +103,11 @@ def caption_for(entry: dict, p: dict) -> dict:
         return {"file": file, "caption": text.replace("{subject}", noun),
                 "tags": [t.strip() for t in text.split(",")]}
     scene = _toyworld_scene(entry.get("record"), file) if src == "toyworld" else _oracle_scene(file)
+    if "style" in (entry.get("record") or {}):
+        # a style's captions describe the content, so that what the content does not explain
+        # (the style) goes to the trigger, appended as "…, zwx style"
+        text, tags = _from_scene(scene, None, c["form"])
+        return {"file": file, "caption": f"{text}, {noun}", "tags": [*tags, noun]}
     text, tags = _from_scene(scene, noun, c["form"])
     return {"file": file, "caption": text, "tags": tags}
 

@@ -362,12 +362,14 @@ _TOYWORLD_RE = re.compile(r"toyworld:([a-z_]+)(?:@([1-9][0-9]?))?")  # @n: that 
 
 
 def _toyworld_subjects() -> dict | None:
-    """The subject registry, when the toy world ships one (import is lazy: it pulls numpy/PIL)."""
+    """The toy world's subjects and styles by name, when it ships them (import is lazy: it
+    pulls numpy/PIL). A style is trained like a subject: its folder is its training set."""
     try:
+        from .toyworld.styles import STYLES
         from .toyworld.subjects import SUBJECTS
     except ImportError:
         return None
-    return SUBJECTS
+    return {**SUBJECTS, **STYLES}
 
 
 def _check_instance_syntax(src: str, value: str) -> None:
@@ -377,12 +379,12 @@ def _check_instance_syntax(src: str, value: str) -> None:
     if value.startswith("toyworld:"):
         m = _TOYWORLD_RE.fullmatch(value)
         subjects = _toyworld_subjects()
-        known = f"; known subjects: {', '.join(subjects)}" if subjects else ""
+        known = f"; known subjects and styles: {', '.join(subjects)}" if subjects else ""
         if not m:
             raise ConfigError(f"{src}: 'data.instance_images' {value!r} is not toyworld:<name> (or "
                               f"toyworld:<name>@<photos, 1-99>) with a lowercase name{known}")
         if subjects is not None and m.group(1) not in subjects:
-            raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject "
+            raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject or style "
                               f"{m.group(1)!r}{known}")
 
 

@@ -387,7 +387,8 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
 
 
 # Column order of the metrics tables (others follow in order of appearance).
-_METRIC_ORDER = ("subject_fidelity", "signature_score", "prompt_fidelity", "pres", "div", "div_subject")
+_METRIC_ORDER = ("subject_fidelity", "style_rate", "both_rate", "product", "signature_score", "style_score",
+                 "prompt_fidelity", "pres", "style_drift", "div", "div_subject")
 _NOT_METRIC_COLUMNS = ("backend", "n_images")
 
 
