@@ -47,11 +47,19 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "sample.scheduler": ("ddim", "euler", "dpm++"),
     "metrics.backend": ("oracle", "clip"),
     "data.on_bad_image": ("fail", "skip"),
+    "merge.majority_sign": ("total", "frequency"),
 }
+
+# Lists whose elements are enumerated, and lists whose default is empty but that hold numbers.
+LIST_ENUMS: dict[str, tuple[str, ...]] = {
+    "merge.methods": ("weighted", "fused", "cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
+                      "magnitude_prune", "ziplora"),
+}
+_LIST_ELEMENTS: dict[str, type] = {"merge.weights": float, "merge.weight_grid": float}
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
 # (an ablation's variants are hashed one by one, each with its own overridden value).
-HASH_EXCLUDE = ("notes", "experiment", "ablation")
+HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge")  # merges are cached by their own inputs
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -78,6 +86,11 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "prior.guidance": (0, None, True),
     "prior.seed": (0, None, True),
     "train.text_encoder_fraction": (0, 1, True),
+    "merge.density": (0, 1, False),
+    "merge.svd_rank": (0, None, True),
+    "merge.ziplora_steps": (0, None, True),
+    "merge.ziplora_lr": (0, None, False),
+    "merge.ziplora_lambda": (0, None, True),
     "train.steps": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.grad_accum": (1, None, True),
@@ -328,7 +341,7 @@ def _check_value(src: str, key: str, value: Any) -> Any:
 
 
 def _check_list(src: str, key: str, default: list, value: list) -> list:
-    elem = type(default[0]) if default else str
+    elem = _LIST_ELEMENTS.get(key) or (type(default[0]) if default else str)
     out = []
     for i, item in enumerate(value):
         if elem is float and isinstance(item, int) and not isinstance(item, bool):
@@ -337,6 +350,9 @@ def _check_list(src: str, key: str, default: list, value: list) -> list:
             raise ConfigError(f"{src}: '{key}[{i}]' must be {_TYPE_WORDS[elem]}, got {_describe(item)} "
                               f"(default list: {default!r})")
         out.append(item)
+    bad = [x for x in out if key in LIST_ENUMS and x not in LIST_ENUMS[key]]
+    if bad:
+        raise ConfigError(f"{src}: '{key}' holds {bad[0]!r}; allowed values: {', '.join(LIST_ENUMS[key])}")
     if key in _NON_EMPTY_LISTS and not out:
         raise ConfigError(f"{src}: '{key}' must not be empty (default: {default!r})")
     if key in _NON_NEGATIVE_INT_LISTS and any(x < 0 for x in out):
@@ -480,6 +496,7 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
                           "empty: point it at a local CLIP folder")
     _check_captions(src, params)
+    _check_merge(src, params, check_files)
     if not check_files:
         return
     _check_machine(src, params["train"])
@@ -710,6 +727,29 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
             check_keep_tags([caption_for({"file": ""}, params)], params)
         except DataError as e:
             raise ConfigError(f"{src('captions.keep_tags')}: {e}") from None
+
+
+def _check_merge(src: Callable[[str], str], params: dict, check_files: bool) -> None:
+    """merge.*: enough LoRAs for the methods, one weight each, and sources that exist."""
+    m = params["merge"]
+    if not (m["methods"] or m["weight_grid"]):
+        return
+    if len(m["loras"]) < 2:
+        raise ConfigError(f"{src('merge.loras')}: merging needs at least two LoRAs in merge.loras (\"this\", a "
+                          f"params file or a LoRA file), got {m['loras']!r}")
+    if m["weights"] and len(m["weights"]) != len(m["loras"]):
+        raise ConfigError(f"{src('merge.weights')}: {len(m['weights'])} weights for {len(m['loras'])} LoRAs: give one "
+                          "weight per entry of merge.loras, or none (1.0 each)")
+    if m["weight_grid"] and len(m["loras"]) != 2:
+        raise ConfigError(f"{src('merge.weight_grid')}: the weight grid is wA × wB: it needs exactly two LoRAs")
+    if "ziplora" in m["methods"] and len(m["loras"]) != 2:
+        raise ConfigError(f"{src('merge.methods')}: ZipLoRA merges exactly two LoRAs (a subject and a style)")
+    if not check_files:
+        return
+    for entry in m["loras"]:
+        if entry != "this" and not Path(entry).exists():
+            raise ConfigError(f"{src('merge.loras')}: {entry!r} does not exist (relative to {Path.cwd()}): name "
+                              "\"this\", a params file, a run folder or a LoRA .safetensors file")
 
 
 def _check_image_folder(src: str, key: str, folder: str) -> None:

@@ -337,6 +337,41 @@ def plot_steps_curve(path: Path) -> Any:
     return fig
 
 
+def plot_weight_heatmap(cells: list[dict], grid: list[float], keys: Sequence[str]) -> Any:
+    """One heat map per metric over a wA × wB weight grid (rows wA, columns wB), values written in."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        values = np.array([[next((c.get(key) for c in cells if c["wA"] == a and c["wB"] == b), np.nan)
+                            for b in grid] for a in grid], dtype=float)
+        ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="upper")
+        for i in range(len(grid)):
+            for j in range(len(grid)):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
+                        color="white" if values[i, j] < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(grid)), [str(g) for g in grid])
+        ax.set_yticks(range(len(grid)), [str(g) for g in grid])
+        ax.set_xlabel("wB (style)")
+        ax.set_ylabel("wA (subject)")
+        ax.set_title(key)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure (or PIL image) as PNG bytes, closed afterwards."""
+    out = _png_bytes(fig)
+    if out is None:
+        raise TypeError(f"not a figure or image: {type(fig).__name__}")
+    if hasattr(fig, "savefig"):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return out
+
+
 def plot_tag_frequencies(freqs: Mapping[str, int] | None, top: int = 30) -> Any:
     """Horizontal bars of the ``top`` most frequent caption tags (``tag_frequencies.json``)."""
     import matplotlib.pyplot as plt
