@@ -732,7 +732,8 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
     for section, folder in caption_models(params).items():
         if not folder:
             key = f"captions.{section}.model"
-            raise ConfigError(f"{src(key)}: captions.source is {c['source']} but '{key}' is empty: download the "
+            raise ConfigError(f"{src('captions.source')}: captions.source is {c['source']} but '{key}' is empty: "
+                              "download the "
                               f"model where you have network (`{model_folders.download_hint(section)}`), copy "
                               f"the folder here and set {key}: {model_folders.EXAMPLE_FOLDER[section]}")
     if c["source"] == "fixed" and c["keep_tags"]:
