@@ -346,3 +346,36 @@ def test_with_subject_by_hand() -> None:
     assert captions.with_subject("a dog", params(["captions.trigger=word"])) == "a sks"
     assert captions.with_subject("a dog", params(["captions.trigger=none"])) == "a dog"
     assert captions.with_subject("a cat", params(["captions.trigger=none"])) == "dog, a cat"
+
+
+# --------------------------------------------------------------------------- the 02_captions page
+
+
+def test_captions_page_shows_what_each_model_said(tmp_path: Path, blip: Path, tagger, cache) -> None:
+    import base64
+    import io
+    import json
+
+    from dbkit import report, workflow
+
+    folder, w, b = tagger
+    arr = photo(tmp_path / "a.png", (S, S), seed=1)
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "manifest.jsonl").write_text(json.dumps({"file": str(tmp_path / "a.png")}) + "\n")
+    exp = config.load(config.BASE_PATH, ["captions.source=merge", f"captions.wd14.model={folder}",
+                                         f"captions.transformers.model={blip}", "captions.class_noun=zebra"])
+    records = workflow.prepare_captions(exp, rd)
+    assert [json.loads(line) for line in (rd / "captions.jsonl").read_text().splitlines()] == records
+    tags, sentence = hand_tags(hand_probs(arr, w, b)), direct_sentence(blip, tmp_path / "a.png")
+    assert json.loads((rd / "tag_frequencies.json").read_text()) == {t: 1 for t in records[0]["tags"]}
+    assert "0 of 1 photos from the cache" in workflow.captions_note(records)
+    assert "1 of 1 photos from the cache" in workflow.captions_note(workflow.prepare_captions(exp, rd))
+    page = report.captions_html(workflow.caption_rows(records))
+    for text in [sentence, ", ".join([f"sks zebra, {sentence}", *tags]), *tags]:
+        assert text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in page
+    row = next(i for i, (n, _) in enumerate(TAGS) if n == "1girl")
+    assert f"1girl {hand_probs(arr, w, b)[row]:.2f}" in page  # the tagger's probability beside each tag
+    shown = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert (np.asarray(Image.open(io.BytesIO(base64.b64decode(shown))).convert("RGB")) == arr).all()
+    assert workflow.captions_note(captions.build_captions([{"file": str(tmp_path / "a.png")}], params([]))) == ""
