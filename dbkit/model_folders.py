@@ -90,14 +90,23 @@ def _has_weights(path: Path) -> bool:
     return False
 
 
+# weights of other frameworks, which a hub download brings along and transformers (PyTorch) never reads
+_OTHER_FRAMEWORKS = (".h5", ".msgpack", ".ckpt", ".onnx", ".tflite", ".mlmodel")
+
+
 def model_files(section: str, folder: str | Path) -> list[Path]:
-    """The files a backend reads from its folder: what its fingerprint covers (a README or
-    the hub client's .cache/ beside them changes nothing)."""
+    """The files a backend reads from its folder: what its fingerprint covers. A README, the
+    hub client's .cache/, TensorFlow/Flax copies of the weights, and the .bin weights beside
+    .safetensors ones (transformers loads the latter) change nothing, and hashing them would
+    triple the time a params load spends on a BLIP-large folder."""
     path = Path(folder)
     if section == WD14:
         return [path / f for f in WD14_FILES]
-    return sorted(f for f in path.rglob("*") if f.is_file() and f.name != "README.md" and ".cache" not in
-                  f.relative_to(path).parts and not f.name.startswith("."))
+    files = [f for f in path.rglob("*") if f.is_file() and f.name != "README.md" and not f.name.startswith(".")
+             and ".cache" not in f.relative_to(path).parts and f.suffix not in _OTHER_FRAMEWORKS]
+    if any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix != ".bin" and not f.name.startswith("pytorch_model.bin")]
+    return sorted(files)
 
 
 def fingerprint(section: str, folder: str | Path) -> str | None:

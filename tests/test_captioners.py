@@ -379,3 +379,21 @@ def test_captions_page_shows_what_each_model_said(tmp_path: Path, blip: Path, ta
     shown = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
     assert (np.asarray(Image.open(io.BytesIO(base64.b64decode(shown))).convert("RGB")) == arr).all()
     assert workflow.captions_note(captions.build_captions([{"file": str(tmp_path / "a.png")}], params([]))) == ""
+
+
+def test_transformers_fingerprint_covers_what_transformers_reads(tmp_path: Path) -> None:
+    from dbkit import model_folders
+
+    for name in ("config.json", "preprocessor_config.json", "vocab.txt", "model.safetensors", "pytorch_model.bin",
+                 "tf_model.h5", "README.md"):
+        (tmp_path / name).write_text(name)
+    first = model_folders.fingerprint("transformers", tmp_path)
+    for name in ("pytorch_model.bin", "tf_model.h5", "README.md"):  # never loaded beside model.safetensors
+        (tmp_path / name).write_text("changed")
+    assert model_folders.fingerprint("transformers", tmp_path) == first
+    for name in ("model.safetensors", "vocab.txt"):
+        (tmp_path / name).write_text("changed")
+        assert model_folders.fingerprint("transformers", tmp_path) != first
+        first = model_folders.fingerprint("transformers", tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # now the .bin weights are the ones loaded
+    assert model_folders.fingerprint("transformers", tmp_path) != first
