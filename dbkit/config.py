@@ -733,9 +733,8 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
         if not folder:
             key = f"captions.{section}.model"
             raise ConfigError(f"{src('captions.source')}: captions.source is {c['source']} but '{key}' is empty: "
-                              "download the "
-                              f"model where you have network (`{model_folders.download_hint(section)}`), copy "
-                              f"the folder here and set {key}: {model_folders.EXAMPLE_FOLDER[section]}")
+                              f"download the model where you have network (`{model_folders.download_hint(section)}`), "
+                              f"copy the folder here and set {key}: {model_folders.EXAMPLE_FOLDER[section]}")
     if c["source"] == "fixed" and c["keep_tags"]:
         from .captions import caption_for, check_keep_tags
         from .data import DataError

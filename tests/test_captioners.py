@@ -209,6 +209,17 @@ def test_wd14_cache_is_by_content(tmp_path: Path, tagger, cache, monkeypatch: py
     assert len(list((cache / "wd14").iterdir())) == 4  # a, b, changed a, b with the new model
 
 
+def test_wd14_files_from_different_taggers_are_refused(tmp_path: Path, tagger, cache) -> None:
+    folder, _, _ = tagger
+    with open(folder / "selected_tags.csv", "a") as f:
+        f.write(f"{len(TAGS)},extra_tag,0,1\n")
+    photo(tmp_path / "a.png", (S, S), seed=1)
+    p = params(["captions.source=wd14", f"captions.wd14.model={folder}"])
+    with pytest.raises(captioners.CaptionModelError, match=rf"^'captions\.wd14\.model': .*outputs {len(TAGS)} tags "
+                       rf"but selected_tags\.csv lists {len(TAGS) + 1}: .*huggingface-cli download"):
+        captioners.describe([{"file": str(tmp_path / "a.png")}], p)
+
+
 def test_caption_models_are_part_of_the_run_identity(tmp_path: Path, tagger) -> None:
     folder, _, _ = tagger
     before = config.load(config.BASE_PATH, ["captions.source=wd14", f"captions.wd14.model={folder}"]).hash
