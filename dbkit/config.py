@@ -29,15 +29,19 @@ from typing import Any
 
 import yaml
 
+from . import model_folders
+
 BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
 
 # Allowed values of the enumerated keys; must match the comments in params/base.yaml
 # (tests/test_config.py checks that they do).
 ENUMS: dict[str, tuple[str, ...]] = {
     "base.family": ("auto", "sd15", "sd2", "sdxl", "playground"),
-    "captions.source": ("fixed", "sidecar", "metadata", "toyworld", "oracle"),
+    "captions.source": ("fixed", "sidecar", "metadata", "toyworld", "oracle", "wd14", "transformers", "merge"),
     "captions.form": ("sentence", "tags", "both"),
     "captions.trigger": ("identifier", "word", "none"),
+    "captions.wd14.rating": ("drop", "keep"),
+    "captions.wd14.underscores": ("spaces", "keep"),
     "train.method": ("lora", "dora", "full"),
     "train.prediction": ("auto", "epsilon", "v_prediction", "edm"),
     "train.log_with": ("none", "tensorboard", "wandb"),
@@ -80,6 +84,11 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.min_subject_area": (0, 1, True),
     "captions.keep_first": (0, None, True),
     "captions.dropout": (0, 1, True),
+    "captions.wd14.general_threshold": (0, 1, True),
+    "captions.wd14.character_threshold": (0, 1, True),
+    "captions.transformers.max_new_tokens": (1, None, True),
+    "captions.transformers.num_beams": (1, None, True),
+    "captions.transformers.seed": (0, None, True),
     "prior.num_images": (0, None, True),
     "prior.weight": (0, None, True),
     "prior.steps": (1, None, True),
@@ -163,7 +172,23 @@ def params_hash(params: dict) -> str:
         ident["base_fingerprint"] = fingerprint(model)
     if isinstance(params.get("data", {}).get("instance_images"), str):
         ident["data_fingerprint"] = data_fingerprint(params)
+    models = caption_models(params)
+    if models:  # other weights in the same folder give other captions: a new run
+        ident["caption_models"] = {s: model_folders.fingerprint(s, folder) for s, folder in models.items()}
     return stable_hash(ident)
+
+
+# the caption sources backed by local models, and the params sections (backends) each one runs
+CAPTION_MODEL_SECTIONS: dict[str, tuple[str, ...]] = {
+    "wd14": (model_folders.WD14,), "transformers": (model_folders.TRANSFORMERS,),
+    "merge": (model_folders.WD14, model_folders.TRANSFORMERS)}
+
+
+def caption_models(params: dict) -> dict[str, str]:
+    """{section: model folder} of the caption backends captions.source runs (none for file
+    and toy-world sources)."""
+    c = params.get("captions") or {}
+    return {s: (c.get(s) or {}).get("model", "") for s in CAPTION_MODEL_SECTIONS.get(c.get("source"), ())}
 
 
 # ----------------------------------------------------------------------------- dotted keys
@@ -507,6 +532,10 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
     _check_family(src, params, family)
+    for section, folder in caption_models(params).items():
+        problem = model_folders.folder_problem(section, folder)
+        if problem:
+            raise ConfigError(f"{src(f'captions.{section}.model')}: {problem}")
     for key in ("clip_model", "dino_model"):
         folder = params["metrics"][key]
         if params["metrics"]["backend"] == "clip" and folder and not Path(folder).is_dir():
@@ -719,6 +748,12 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
         raise ConfigError(f"{src('captions.dropout')}: 'captions.dropout' is {c['dropout']}: every training "
                           "caption would be empty and the subject's name never seen; use a value below 1 "
                           "(0.05–0.1 is usual)")
+    for section, folder in caption_models(params).items():
+        if not folder:
+            key = f"captions.{section}.model"
+            raise ConfigError(f"{src('captions.source')}: captions.source is {c['source']} but '{key}' is empty: "
+                              f"download the model where you have network (`{model_folders.download_hint(section)}`), "
+                              f"copy the folder here and set {key}: {model_folders.EXAMPLE_FOLDER[section]}")
     if c["source"] == "fixed" and c["keep_tags"]:
         from .captions import caption_for, check_keep_tags
         from .data import DataError

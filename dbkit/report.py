@@ -421,6 +421,31 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     return "\n".join(lines)
 
 
+CAPTION_COLUMNS = (("tagger", "tagger tags"), ("sentence", "captioner sentence"), ("caption", "final caption"))
+
+
+def captions_html(rows: list[dict]) -> str:
+    """The 02_captions table: per photo its thumbnail (``thumb``, a PIL image), name and what
+    each caption model said (``tagger``, ``sentence``) next to the ``caption`` training uses.
+    Columns no row fills are left out. HTML, because Markdown cannot hold the thumbnails; they
+    are embedded, so the page stays self-contained."""
+    import base64
+    import html
+
+    cols = [(k, title) for k, title in CAPTION_COLUMNS if any(r.get(k) for r in rows)]
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["photo", *(t for _, t in cols)])
+    body = []
+    for r in rows:
+        data, fmt = embed_bytes(r["thumb"])
+        img = (f'<img alt="{html.escape(r["name"])}" style="max-width:128px" '
+               f'src="data:image/{fmt};base64,{base64.b64encode(data).decode()}">')
+        cells = [f"{img}<br><code>{html.escape(r['name'])}</code>",
+                 *(html.escape(r.get(k) or "") for k, _ in cols)]
+        body.append("<tr>" + "".join(f'<td style="text-align:left;vertical-align:top">{c}</td>' for c in cells)
+                    + "</tr>")
+    return f'<table class="dbkit-captions"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
 # Column order of the metrics tables (others follow in order of appearance).
 _METRIC_ORDER = ("subject_fidelity", "style_rate", "both_rate", "product", "signature_score", "style_score",
                  "prompt_fidelity", "pres", "style_drift", "div", "div_subject")

@@ -162,6 +162,23 @@ def prepare_captions(exp: config.Experiment, rd: Path) -> list[dict]:
     return records
 
 
+def caption_rows(records: list[dict], thumb: int = 128) -> list[dict]:
+    """Rows of the 02_captions table (report.captions_html): each photo's thumbnail, the
+    tagger's tags with their probabilities, the captioner's sentence and the final caption."""
+    return [{"thumb": data.open_rgb(Path(r["file"]), max_side=thumb), "name": Path(r["file"]).name,
+             "tagger": ", ".join(f"{t} {x:.2f}" for t, x in r.get("tag_scores", {}).items()),
+             "sentence": r.get("sentence", ""), "caption": r["caption"]} for r in records]
+
+
+def captions_note(records: list[dict]) -> str:
+    """For caption models: how many photos the cache answered (their models did not run)."""
+    if not records or "from_cache" not in records[0]:
+        return ""
+    hits = sum(bool(r["from_cache"]) for r in records)
+    return (f"Caption models: {hits} of {len(records)} photos from the cache (.cache/dbkit, keyed by the photo's "
+            "content, the model files' content and the settings); the models ran on the others.")
+
+
 # --------------------------------------------------------------------------- 03 train
 
 
