@@ -782,9 +782,20 @@ def _check_merge(src: Callable[[str], str], params: dict, check_files: bool) -> 
     if not check_files:
         return
     for entry in m["loras"]:
-        if entry != "this" and not Path(entry).exists():
-            raise ConfigError(f"{src('merge.loras')}: {entry!r} does not exist (relative to {Path.cwd()}): name "
-                              "\"this\", a params file, a run folder or a LoRA .safetensors file")
+        if entry != "this" and merge_source(entry, Path(src("merge.loras"))) is None:
+            raise ConfigError(f"{src('merge.loras')}: {entry!r} does not exist (relative to {Path.cwd()} or the "
+                              "project root): name \"this\", a params file, a run folder or a LoRA .safetensors file")
+
+
+def merge_source(entry: str, params_file: Path) -> Path | None:
+    """A merge.loras path as given (relative to the working directory), else relative to the
+    project root of the params file that names it; None when neither exists."""
+    from .paths import project_root
+
+    for path in (Path(entry), project_root(params_file) / entry):
+        if path.exists():
+            return path
+    return None
 
 
 def _check_image_folder(src: str, key: str, folder: str) -> None:

@@ -35,12 +35,16 @@ def resolve_sources(exp: config.Experiment, rd: Path, *, progress: bool = True) 
     for entry in exp.params["merge"]["loras"]:
         if entry == "this":
             out.append(Source(exp.name, rd / "output", exp.params, rd))
-        elif entry.endswith((".yaml", ".yml")):
-            src = config.load(entry)
+            continue
+        path = config.merge_source(entry, Path(exp.path))
+        if path is None:
+            raise merge.MergeError(f"merge.loras: {entry!r} does not exist; name \"this\", a params file, a run "
+                                   "folder or a LoRA .safetensors file")
+        if path.suffix in (".yaml", ".yml"):
+            src = config.load(path)
             srd, _ = workflow.train_variant(src, progress=progress)
             out.append(Source(src.name, srd / "output", src.params, srd))
         else:
-            path = Path(entry)
             folder = path.parent if path.is_file() else (path / "output" if (path / "output").is_dir() else path)
             out.append(Source(path.stem if path.is_file() else path.name, folder, None, None))
     return out
