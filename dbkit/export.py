@@ -200,7 +200,7 @@ def add_embeddings(pipe, path: Path) -> list[str]:
 
 def load_trained(out: Path, base_path: Path, family: str, *, lora_scale: float = 1.0, lora_file: str = LORA_FILE):
     """An inference pipeline for a run's output (LoRA scaled by `lora_scale`)."""
-    from .models import load_pipeline
+    from .models import load_pipeline, quiet_loading
 
     full = (out / "pipeline" / "model_index.json").exists()
     pipe = load_pipeline(out / "pipeline" if full else base_path, family)
@@ -211,7 +211,8 @@ def load_trained(out: Path, base_path: Path, family: str, *, lora_scale: float =
     if (out / EMBEDDINGS_FILE).exists() and not full:
         add_embeddings(pipe, out / EMBEDDINGS_FILE)
     if (out / lora_file).exists():
-        pipe.load_lora_weights(str(out), weight_name=lora_file, adapter_name="subject")
+        with quiet_loading():
+            pipe.load_lora_weights(str(out), weight_name=lora_file, adapter_name="subject")
         pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
     return pipe
 

@@ -134,8 +134,9 @@ def runtime_pipeline(p: dict, sources: list[Source], weights: list[float], *, fu
     path, family = workflow.base_of(p)
     pipe = models.load_pipeline(path, family)
     names = [f"lora{k}" for k in range(len(sources))]
-    for name, s in zip(names, sources):
-        pipe.load_lora_weights(str(s.lora_dir), weight_name=export.LORA_FILE, adapter_name=name)
+    with models.quiet_loading():
+        for name, s in zip(names, sources):
+            pipe.load_lora_weights(str(s.lora_dir), weight_name=export.LORA_FILE, adapter_name=name)
     pipe.set_adapters(names, adapter_weights=weights)
     if fuse:
         pipe.fuse_lora(adapter_names=names)

@@ -10,9 +10,11 @@ Nothing is downloaded: a hub id only works when it is already in the local HF ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 FAMILIES = ("sd15", "sd2", "sdxl", "playground")
@@ -95,16 +97,36 @@ def family_of(p: dict, path: Path) -> str:
     return found
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off: a page that loads twenty
+    models (ablations, merges) would otherwise show forty bars and nothing else."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
 def load_pipeline(path: Path, family: str, dtype=None):
     """The diffusers inference pipeline for a base (safety checker off: research use)."""
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = dtype or torch.float32
-    if family in ("sdxl", "playground"):
-        return StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
-    return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    with quiet_loading():
+        if family in ("sdxl", "playground"):
+            return StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
 
 
 # --------------------------------------------------------------------------- random twins
