@@ -214,7 +214,9 @@ def run_merges(exp: config.Experiment, rd: Path, *, progress: bool = True) -> di
             images.append((label, workflow.generator_for(pipe, p)([prompt], p["sample"]["seeds"])))
         picture = report.image_grid(images, [f"seed {x}" for x in p["sample"]["seeds"]], title=prompt, scale=2)
         atomic_write_bytes(folder / "merge_grid.png", sample.png_bytes(picture))
-    result = {"sources": [{"label": s.label, "lora": str(_lora_file(s))} for s in sources],
+    own = [{"label": s.label, "metrics": read_json(s.run_dir / "metrics.json")} for s in sources
+           if s.run_dir is not None and s.run_dir != rd]  # this run is a row of the table already
+    result = {"sources": [{"label": s.label, "lora": str(_lora_file(s))} for s in sources], "own": own,
               "methods": {k: str(v) for k, v in merged.items()}, "rows": rows, "folder": str(folder),
               "grid": "merge_grid.png" if pair else None, "prompt_params": q["captions"]["identifier"],
               "weight_grid": weight_grid(p, sources, pair, folder) if pair and p["merge"]["weight_grid"] else None,
@@ -227,8 +229,10 @@ def ablation_rows(result: dict, rd: Path) -> tuple[list[dict], list[dict]]:
     """Rows and grids to append to ablation.json (the report's table and pictures); the
     pictures are copied into the run folder, which the report reads."""
     folder = Path(result["folder"])
-    rows = [{"label": f"{r['label']} (subject + style prompts)", "run_dir": None, "metrics": r["metrics"],
-             "lora_dir": r["lora_dir"]} for r in result["rows"]]
+    rows = [{"label": f"{r['label']} (its own prompts)", "run_dir": None, "metrics": r["metrics"]}
+            for r in result.get("own", [])]
+    rows += [{"label": f"{r['label']} (subject + style prompts)", "run_dir": None, "metrics": r["metrics"],
+              "lora_dir": r["lora_dir"]} for r in result["rows"]]
     pictures = []
     if result.get("grid"):
         pictures.append(("merges: each LoRA alone, then each method (row), seeds (column)", result["grid"]))

@@ -27,6 +27,7 @@ def test_merge_rows_files_and_identity(in_tmp: Path) -> None:
     result = workflow.run_ablations(exp, rd, progress=False)
     labels = [r["label"] for r in result["rows"]]
     assert labels[:2] == ["base", f"{exp.name} (this run)"]
+    assert labels[2] == "tiny-style (its own prompts)" and "style_rate" in result["rows"][2]["metrics"]
     merged_rows = [r for r in result["rows"] if "subject + style" in r["label"]]
     assert [r["label"].split(" (")[0] for r in merged_rows] == [
         f"{exp.name} alone", "tiny-style alone", "merge: weighted", "merge: cat", "merge: ties", "merge: ziplora"]
