@@ -405,10 +405,21 @@ def _check_tree(src: str, raw: Any, *, top: bool) -> dict:
     return out
 
 
+VERDICTS = ("agrees", "differs", "partly")
+
+
+def _check_verdict(src: str, notes: Any) -> None:
+    """notes is free prose, except notes.verdict, which the reports index tabulates."""
+    v = notes.get("verdict") if isinstance(notes, dict) else None
+    if v not in (None, "", *VERDICTS):
+        raise ConfigError(f"{src}: 'notes.verdict' must be one of {', '.join(VERDICTS)} (or empty), got {v!r}")
+
+
 def _check_node(src: str, key: str, value: Any) -> Any:
     if not is_valid_key(key):
         raise ConfigError(f"{src}: unknown key '{key}'{_suggest(key)}")
     if key in _FREE_KEYS:
+        _check_verdict(src, value)
         return value
     if key == _VARY_KEY:
         return _check_vary(src, value)

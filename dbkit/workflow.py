@@ -391,8 +391,13 @@ def data_fingerprint_of(exp: config.Experiment, rd: Path) -> str | None:
 
 def summarise(exp: config.Experiment, rd: Path) -> dict:
     """Everything the report shows, gathered from the run folder's files."""
+    from . import conclusions
+
     ab = read_json(rd / "ablation.json") or {"rows": [], "grids": [], "vary": {}}
     parent = exp.parent_params()
+    diff = {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
+            if not k.startswith(("notes", "experiment"))}
+    ignore = conclusions.params_figures(ab["vary"], ab.get("variants", {}), diff)
     return {
         "experiment": exp.name,
         "params_file": str(exp.path),
@@ -400,9 +405,10 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "notes": exp.params["notes"],
         "vary": ab["vary"],
         "variants": ab.get("variants", {}),
-        "diff": {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
-                 if not k.startswith(("notes", "experiment"))},
+        "diff": diff,
         "rows": ab["rows"],
+        # the written conclusion against this run's table (notes are outside the params hash)
+        "conclusion_check": conclusions.check(exp.params["notes"].get("conclusion", ""), ab["rows"], ignore),
         "grids": ab["grids"],
         "metrics": key_metrics(ab["rows"]),
         "rank_by": "subject_fidelity" if exp.params["metrics"]["backend"] == "oracle" else "dino",
