@@ -50,8 +50,9 @@ ENUMS: dict[str, tuple[str, ...]] = {
 }
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
-# (an ablation's variants are hashed one by one, each with its own overridden value).
-HASH_EXCLUDE = ("notes", "experiment", "ablation")
+# (an ablation's variants are hashed one by one, each with its own overridden value; report.*
+# only changes how the report reads the run).
+HASH_EXCLUDE = ("notes", "experiment", "ablation", "report")
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -101,6 +102,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "sample.steps": (1, None, True),
     "sample.guidance": (0, None, True),
     "metrics.num_per_prompt": (1, None, True),
+    "report.plateau_eps": (0, 1, True),
+    "report.plateau_window": (1, None, True),
 }
 _MULTIPLE_OF_8 = ("base.resolution", "data.resolution")
 _NON_EMPTY_LISTS = ("sample.seeds", "sample.prompts")

@@ -27,7 +27,7 @@ import yaml
 from . import conclusions, config
 
 KEY_METRICS = ("subject_fidelity", "prompt_fidelity", "pres", "div")
-_SKIP_PREFIXES = ("notes", "experiment", "ablation")  # a run's name and prose, not what it computes
+_SKIP_PREFIXES = ("notes", "experiment", "ablation", "report")  # a run's name and prose, not what it computes
 
 SORT_JS = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
