@@ -271,6 +271,14 @@ def _evaluate(p: dict, pipe) -> dict | None:
     return metrics.evaluate(generator_for(pipe, p), subject, phrase, noun, seeds=seeds)
 
 
+def evaluate_model(p: dict, pipe) -> dict | None:
+    """The metrics of metrics.json for any loaded pipeline (a checkpoint's, say) with params `p`;
+    None where there is no backend for the subject (user photos with the oracle)."""
+    if subject_of(p) is None and p["metrics"]["backend"] != "clip":
+        return None
+    return _evaluate(p, pipe)
+
+
 def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
     """Metrics of the trained model → metrics.json."""
     if subject_of(exp.params) is None and exp.params["metrics"]["backend"] != "clip":
