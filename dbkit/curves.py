@@ -103,7 +103,7 @@ def plot_variant_metrics(runs: Sequence[tuple[str, Path]], *, eps: float = 0.02,
     each run's :func:`plateau_step`. Returns the Figure."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     colors = _colors()
     drawn = 0
     for i, (label, rd) in enumerate(runs):
@@ -124,8 +124,8 @@ def plot_variant_metrics(runs: Sequence[tuple[str, Path]], *, eps: float = 0.02,
     ax.set_xlabel("step")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(loc="best", fontsize="x-small")
+    if drawn:  # outside the axes: the curves fill the plot
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
     else:
         _empty(ax, "no checkpoint metrics yet (`dbkit checkpoints <run folder> --metrics` measures them)")
     fig.tight_layout()
