@@ -49,7 +49,8 @@ def metric_values(rows: Iterable[Mapping[str, Any]]) -> list[float]:
             out.append(float(v))
 
     for row in rows:
-        walk(row.get("metrics") or {})
+        if isinstance(row, Mapping):  # a hand-edited table may hold anything
+            walk(row.get("metrics") or {})
     return out
 
 
@@ -79,8 +80,8 @@ def check(conclusion: str, rows: Iterable[Mapping[str, Any]], ignore: Iterable[A
 def params_figures(vary: Mapping[str, list], variants: Mapping[str, Mapping], diff: Mapping[str, tuple]) -> list:
     """The params values an experiment sets or varies (its ablation values, its variants'
     overrides, its own values that differ from the parent): a conclusion names them as settings."""
-    out: list = [v for values in (vary or {}).values() for v in values or []]
-    out += [v for overrides in (variants or {}).values() for v in (overrides or {}).values()]
+    out: list = [v for values in (vary or {}).values() if isinstance(values, list) for v in values]
+    out += [v for overrides in (variants or {}).values() if isinstance(overrides, Mapping) for v in overrides.values()]
     out += [pair[1] for pair in (diff or {}).values() if isinstance(pair, (list, tuple)) and len(pair) > 1]
     return out
 

@@ -91,3 +91,9 @@ def test_checkpoint_metrics_equal_a_run_stopped_at_that_step(trained, monkeypatc
 
     monkeypatch.setattr(workflow, "evaluate_model", fail)
     assert checkpoints.evaluate_checkpoints(exp, rd) == got  # cached by step
+
+
+def test_a_folder_that_is_no_run_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    assert cli.main(["checkpoints", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: not a run folder (no params.yaml): pass "
+                                               "runs/<experiment>/<hash>")
