@@ -29,15 +29,19 @@ from typing import Any
 
 import yaml
 
+from . import model_folders
+
 BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
 
 # Allowed values of the enumerated keys; must match the comments in params/base.yaml
 # (tests/test_config.py checks that they do).
 ENUMS: dict[str, tuple[str, ...]] = {
     "base.family": ("auto", "sd15", "sd2", "sdxl", "playground"),
-    "captions.source": ("fixed", "sidecar", "metadata", "toyworld", "oracle"),
+    "captions.source": ("fixed", "sidecar", "metadata", "toyworld", "oracle", "wd14", "transformers", "merge"),
     "captions.form": ("sentence", "tags", "both"),
     "captions.trigger": ("identifier", "word", "none"),
+    "captions.wd14.rating": ("drop", "keep"),
+    "captions.wd14.underscores": ("spaces", "keep"),
     "train.method": ("lora", "dora", "full"),
     "train.prediction": ("auto", "epsilon", "v_prediction", "edm"),
     "train.log_with": ("none", "tensorboard", "wandb"),
@@ -47,12 +51,20 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "sample.scheduler": ("ddim", "euler", "dpm++"),
     "metrics.backend": ("oracle", "clip"),
     "data.on_bad_image": ("fail", "skip"),
+    "merge.majority_sign": ("total", "frequency"),
 }
 
+# Lists whose elements are enumerated, and lists whose default is empty but that hold numbers.
+LIST_ENUMS: dict[str, tuple[str, ...]] = {
+    "merge.methods": ("weighted", "fused", "cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
+                      "magnitude_prune", "ziplora"),
+}
+_LIST_ELEMENTS: dict[str, type] = {"merge.weights": float, "merge.weight_grid": float}
+
 # Keys left out of the hash: they name or describe a run without changing what it computes
-# (an ablation's variants are hashed one by one, each with its own overridden value; report.*
-# only changes how the report reads the run).
-HASH_EXCLUDE = ("notes", "experiment", "ablation", "report")
+# (an ablation's variants are hashed one by one, each with its own overridden value; merges
+# are cached by their own inputs; report.* only changes how the report reads the run).
+HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge", "report")
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -73,12 +85,22 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.min_subject_area": (0, 1, True),
     "captions.keep_first": (0, None, True),
     "captions.dropout": (0, 1, True),
+    "captions.wd14.general_threshold": (0, 1, True),
+    "captions.wd14.character_threshold": (0, 1, True),
+    "captions.transformers.max_new_tokens": (1, None, True),
+    "captions.transformers.num_beams": (1, None, True),
+    "captions.transformers.seed": (0, None, True),
     "prior.num_images": (0, None, True),
     "prior.weight": (0, None, True),
     "prior.steps": (1, None, True),
     "prior.guidance": (0, None, True),
     "prior.seed": (0, None, True),
     "train.text_encoder_fraction": (0, 1, True),
+    "merge.density": (0, 1, False),
+    "merge.svd_rank": (0, None, True),
+    "merge.ziplora_steps": (0, None, True),
+    "merge.ziplora_lr": (0, None, False),
+    "merge.ziplora_lambda": (0, None, True),
     "train.steps": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.grad_accum": (1, None, True),
@@ -153,7 +175,23 @@ def params_hash(params: dict) -> str:
         ident["base_fingerprint"] = fingerprint(model)
     if isinstance(params.get("data", {}).get("instance_images"), str):
         ident["data_fingerprint"] = data_fingerprint(params)
+    models = caption_models(params)
+    if models:  # other weights in the same folder give other captions: a new run
+        ident["caption_models"] = {s: model_folders.fingerprint(s, folder) for s, folder in models.items()}
     return stable_hash(ident)
+
+
+# the caption sources backed by local models, and the params sections (backends) each one runs
+CAPTION_MODEL_SECTIONS: dict[str, tuple[str, ...]] = {
+    "wd14": (model_folders.WD14,), "transformers": (model_folders.TRANSFORMERS,),
+    "merge": (model_folders.WD14, model_folders.TRANSFORMERS)}
+
+
+def caption_models(params: dict) -> dict[str, str]:
+    """{section: model folder} of the caption backends captions.source runs (none for file
+    and toy-world sources)."""
+    c = params.get("captions") or {}
+    return {s: (c.get(s) or {}).get("model", "") for s in CAPTION_MODEL_SECTIONS.get(c.get("source"), ())}
 
 
 # ----------------------------------------------------------------------------- dotted keys
@@ -331,7 +369,7 @@ def _check_value(src: str, key: str, value: Any) -> Any:
 
 
 def _check_list(src: str, key: str, default: list, value: list) -> list:
-    elem = type(default[0]) if default else str
+    elem = _LIST_ELEMENTS.get(key) or (type(default[0]) if default else str)
     out = []
     for i, item in enumerate(value):
         if elem is float and isinstance(item, int) and not isinstance(item, bool):
@@ -340,6 +378,9 @@ def _check_list(src: str, key: str, default: list, value: list) -> list:
             raise ConfigError(f"{src}: '{key}[{i}]' must be {_TYPE_WORDS[elem]}, got {_describe(item)} "
                               f"(default list: {default!r})")
         out.append(item)
+    bad = [x for x in out if key in LIST_ENUMS and x not in LIST_ENUMS[key]]
+    if bad:
+        raise ConfigError(f"{src}: '{key}' holds {bad[0]!r}; allowed values: {', '.join(LIST_ENUMS[key])}")
     if key in _NON_EMPTY_LISTS and not out:
         raise ConfigError(f"{src}: '{key}' must not be empty (default: {default!r})")
     if key in _NON_NEGATIVE_INT_LISTS and any(x < 0 for x in out):
@@ -365,12 +406,14 @@ _TOYWORLD_RE = re.compile(r"toyworld:([a-z_]+)(?:@([1-9][0-9]?))?")  # @n: that 
 
 
 def _toyworld_subjects() -> dict | None:
-    """The subject registry, when the toy world ships one (import is lazy: it pulls numpy/PIL)."""
+    """The toy world's subjects and styles by name, when it ships them (import is lazy: it
+    pulls numpy/PIL). A style is trained like a subject: its folder is its training set."""
     try:
+        from .toyworld.styles import STYLES
         from .toyworld.subjects import SUBJECTS
     except ImportError:
         return None
-    return SUBJECTS
+    return {**SUBJECTS, **STYLES}
 
 
 def _check_instance_syntax(src: str, value: str) -> None:
@@ -380,12 +423,12 @@ def _check_instance_syntax(src: str, value: str) -> None:
     if value.startswith("toyworld:"):
         m = _TOYWORLD_RE.fullmatch(value)
         subjects = _toyworld_subjects()
-        known = f"; known subjects: {', '.join(subjects)}" if subjects else ""
+        known = f"; known subjects and styles: {', '.join(subjects)}" if subjects else ""
         if not m:
             raise ConfigError(f"{src}: 'data.instance_images' {value!r} is not toyworld:<name> (or "
                               f"toyworld:<name>@<photos, 1-99>) with a lowercase name{known}")
         if subjects is not None and m.group(1) not in subjects:
-            raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject "
+            raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject or style "
                               f"{m.group(1)!r}{known}")
 
 
@@ -492,6 +535,7 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
                           "empty: point it at a local CLIP folder")
     _check_captions(src, params)
+    _check_merge(src, params, check_files)
     if not check_files:
         return
     _check_machine(src, params["train"])
@@ -502,6 +546,10 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
     _check_family(src, params, family)
+    for section, folder in caption_models(params).items():
+        problem = model_folders.folder_problem(section, folder)
+        if problem:
+            raise ConfigError(f"{src(f'captions.{section}.model')}: {problem}")
     for key in ("clip_model", "dino_model"):
         folder = params["metrics"][key]
         if params["metrics"]["backend"] == "clip" and folder and not Path(folder).is_dir():
@@ -714,6 +762,12 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
         raise ConfigError(f"{src('captions.dropout')}: 'captions.dropout' is {c['dropout']}: every training "
                           "caption would be empty and the subject's name never seen; use a value below 1 "
                           "(0.05–0.1 is usual)")
+    for section, folder in caption_models(params).items():
+        if not folder:
+            key = f"captions.{section}.model"
+            raise ConfigError(f"{src('captions.source')}: captions.source is {c['source']} but '{key}' is empty: "
+                              f"download the model where you have network (`{model_folders.download_hint(section)}`), "
+                              f"copy the folder here and set {key}: {model_folders.EXAMPLE_FOLDER[section]}")
     if c["source"] == "fixed" and c["keep_tags"]:
         from .captions import caption_for, check_keep_tags
         from .data import DataError
@@ -722,6 +776,40 @@ def _check_captions(src: Callable[[str], str], params: dict) -> None:
             check_keep_tags([caption_for({"file": ""}, params)], params)
         except DataError as e:
             raise ConfigError(f"{src('captions.keep_tags')}: {e}") from None
+
+
+def _check_merge(src: Callable[[str], str], params: dict, check_files: bool) -> None:
+    """merge.*: enough LoRAs for the methods, one weight each, and sources that exist."""
+    m = params["merge"]
+    if not (m["methods"] or m["weight_grid"]):
+        return
+    if len(m["loras"]) < 2:
+        raise ConfigError(f"{src('merge.loras')}: merging needs at least two LoRAs in merge.loras (\"this\", a "
+                          f"params file or a LoRA file), got {m['loras']!r}")
+    if m["weights"] and len(m["weights"]) != len(m["loras"]):
+        raise ConfigError(f"{src('merge.weights')}: {len(m['weights'])} weights for {len(m['loras'])} LoRAs: give one "
+                          "weight per entry of merge.loras, or none (1.0 each)")
+    if m["weight_grid"] and len(m["loras"]) != 2:
+        raise ConfigError(f"{src('merge.weight_grid')}: the weight grid is wA × wB: it needs exactly two LoRAs")
+    if "ziplora" in m["methods"] and len(m["loras"]) != 2:
+        raise ConfigError(f"{src('merge.methods')}: ZipLoRA merges exactly two LoRAs (a subject and a style)")
+    if not check_files:
+        return
+    for entry in m["loras"]:
+        if entry != "this" and merge_source(entry, Path(src("merge.loras"))) is None:
+            raise ConfigError(f"{src('merge.loras')}: {entry!r} does not exist (relative to {Path.cwd()} or the "
+                              "project root): name \"this\", a params file, a run folder or a LoRA .safetensors file")
+
+
+def merge_source(entry: str, params_file: Path) -> Path | None:
+    """A merge.loras path as given (relative to the working directory), else relative to the
+    project root of the params file that names it; None when neither exists."""
+    from .paths import project_root
+
+    for path in (Path(entry), project_root(params_file) / entry):
+        if path.exists():
+            return path
+    return None
 
 
 def _check_image_folder(src: str, key: str, folder: str) -> None:

@@ -72,12 +72,15 @@ class BadImage(DataError):
 
 
 def resolve_folder(spec: str) -> Path:
-    """A folder path, or `toyworld:<subject>[@n]`, written once to data/toyworld/<subject>[@n]/."""
+    """A folder path, or `toyworld:<subject or style>[@n]`, written once to data/toyworld/<name>[@n]/."""
     if spec.startswith("toyworld:"):
-        from .toyworld import subjects
+        from .toyworld import styles, subjects
 
         name, n = _toyworld_spec(spec)
-        return subjects.write_folder(subjects.get(name), TOYWORLD_DATA / spec.split(":", 1)[1], n)
+        folder = TOYWORLD_DATA / spec.split(":", 1)[1]
+        if name in styles.STYLES:
+            return styles.write_folder(styles.get(name), folder, n)
+        return subjects.write_folder(subjects.get(name), folder, n)
     return Path(spec)
 
 
@@ -391,12 +394,15 @@ def folder_fingerprint(spec: str) -> str | None:
     A `toyworld:` spec is fingerprinted by the files it renders to, without writing them
     (loading params must not write data): exactly what resolve_folder puts on disk."""
     if spec.startswith("toyworld:"):
-        from .toyworld import subjects
+        from .toyworld import styles, subjects
 
         name, n = _toyworld_spec(spec)
-        if name not in subjects.SUBJECTS:
+        if name in styles.STYLES:
+            files = styles.folder_files(styles.get(name), n)
+        elif name in subjects.SUBJECTS:
+            files = subjects.folder_files(subjects.get(name), n)
+        else:
             return None
-        files = subjects.folder_files(subjects.get(name), n)
         return _combine({f: hashlib.sha256(b).hexdigest() for f, b in files.items()})
     folder = Path(spec)
     if not spec or not folder.is_dir():

@@ -104,18 +104,26 @@ def peft_state_dicts(modules: dict) -> dict[str, tuple[dict, dict]]:
 
 
 def save_lora(out: Path, modules: dict, meta: dict) -> None:
+    write_lora(out, peft_state_dicts(modules), meta, xl="text_encoder_2" in modules)
+
+
+def write_lora(out: Path, sds: dict[str, tuple[dict, dict]], meta: dict, *, xl: bool | None = None) -> None:
+    """Both layouts of one LoRA (per component: PEFT-named tensors and LoraConfig dict):
+    diffusers' file with the config in its header, and kohya's (not for DoRA). `xl`: an
+    SDXL-family pipeline (two text encoders), read from the components when not given."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sds = peft_state_dicts(modules)
     kwargs = {f"{name}_lora_layers": sd for name, (sd, _) in sds.items()}
     kwargs |= {f"{name}_lora_adapter_metadata": cfg for name, (_, cfg) in sds.items()}
-    xl = "text_encoder_2" in modules
+    xl = "text_encoder_2" in sds if xl is None else xl
     (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(out, **kwargs,
                                                                                   safe_serialization=True)
     add_file_metadata(out / LORA_FILE, {"dbkit": json.dumps(meta)})
     if meta["method"].startswith("dora"):
         return  # kohya's DoRA layout differs per tool; the diffusers file is the portable one
-    save_file(kohya_state_dict(sds, xl), out / KOHYA_FILE, metadata=_kohya_metadata(meta))
+    tmp = out / (KOHYA_FILE + ".tmp")
+    save_file(kohya_state_dict(sds, xl), tmp, metadata=_kohya_metadata(meta))
+    tmp.replace(out / KOHYA_FILE)
 
 
 def add_file_metadata(path: Path, extra: dict[str, str]) -> None:

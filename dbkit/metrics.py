@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .toyworld import oracle, scenes
+from .toyworld.styles import Style
 from .toyworld.subjects import Subject
 
 BACKEND = "toy-oracle"
@@ -97,6 +98,66 @@ def evaluate(generate, subject: Subject, subject_phrase: str, class_noun: str, *
     }
 
 
+def content_prompts(n: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """`n` prompts describing ordinary scenes fully (shape, colour, background, position,
+    size), with the attributes each requests: what a style is asked to dress, deterministic."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        o = scenes.random_object(rng)
+        bg = rng.choice([b for b in scenes.BACKGROUNDS if b != o.colour])
+        text = f"a {o.size} {o.colour} {o.shape} on a {bg} background, {scenes.POSITION_PHRASES[o.position]}"
+        out.append((text, {"shape": o.shape, "colour": o.colour, "background": bg, "position": o.position,
+                           "size": o.size}))
+    return out
+
+
+def style_rate(images: list[Image.Image], style: Style) -> float:
+    return float(np.mean([oracle.has_style(im, style) for im in images])) if images else 0.0
+
+
+def evaluate_style(generate, style: Style, style_phrase: str, *, seeds: list[int], n_prompts: int = 8) -> dict:
+    """A style model's numbers: how often the trigger brings the style (style rate), whether
+    the content still follows the prompt, and drift: the style leaking into prompts that do
+    not ask for it. `generate(prompts, seeds) -> images` (prompt-major)."""
+    prompts = content_prompts(n_prompts)
+    styled = generate([f"{t}, {style_phrase}" for t, _ in prompts], seeds)
+    plain = generate([t for t, _ in prompts], seeds)
+    wants = [w for _, w in prompts for _ in seeds]
+    return {
+        "style_rate": style_rate(styled, style),
+        "style_score": float(np.mean([oracle.style_score(im, style) for im in styled])),
+        "prompt_fidelity": prompt_fidelity(styled, wants),
+        "style_drift": style_rate(plain, style),
+        "plain_prompt_fidelity": prompt_fidelity(plain, wants),
+        "div": diversity(styled),
+        "backend": BACKEND,
+        "n_images": len(styled) + len(plain),
+    }
+
+
+def evaluate_combination(generate, subject: Subject, subject_phrase: str, style: Style, style_phrase: str, *,
+                         seeds: list[int], n_prompts: int = 8) -> dict:
+    """A subject and a style asked for together ("a sks heart on a gray background, zwx
+    style"): each one's rate, the share of images with both, and drift on prompts that name
+    neither (the class noun alone: does it turn into the subject, or take the style?)."""
+    prompts = toy_prompts(subject_phrase, n_prompts)
+    both = generate([f"{t}, {style_phrase}" for t, _ in prompts], seeds)
+    klass = generate([t.replace(subject_phrase, subject.class_noun) for t, _ in prompts[:2]], seeds)
+    subj = [oracle.has_signature(im, subject) for im in both]
+    sty = [oracle.has_style(im, style) for im in both]
+    rates = {"subject_fidelity": float(np.mean(subj)), "style_rate": float(np.mean(sty))}
+    return rates | {
+        "both_rate": float(np.mean([a and b for a, b in zip(subj, sty)])),
+        "product": rates["subject_fidelity"] * rates["style_rate"],
+        "prompt_fidelity": prompt_fidelity(both, [w for _, w in prompts for _ in seeds]),
+        "pres": signature_rate(klass, subject),
+        "style_drift": style_rate(klass, style),
+        "backend": BACKEND,
+        "n_images": len(both) + len(klass),
+    }
+
+
 METRIC_INFO = {
     "subject_fidelity": "share of subject prompts showing the subject's signature (0–1, higher better)",
     "signature_score": "mean signature score of subject prompts (0–1, higher better)",
@@ -104,4 +165,10 @@ METRIC_INFO = {
     "pres": "share of class-noun images showing the subject: language drift (0–1, lower better)",
     "div": "mean pairwise pixel distance of class-noun images (0–1, higher better)",
     "div_subject": "mean pairwise pixel distance of subject images (0–1)",
+    "style_rate": "share of style-trigger prompts showing the style (0–1, higher better)",
+    "style_score": "mean share of the style's region painted in its colour (0–1)",
+    "style_drift": "share of prompts without the style trigger showing the style (0–1, lower better)",
+    "plain_prompt_fidelity": "prompt fidelity of the same prompts without the style trigger (0–1)",
+    "both_rate": "share of subject-and-style prompts showing both (0–1, higher better)",
+    "product": "subject fidelity × style rate on subject-and-style prompts (0–1, higher better)",
 }

@@ -337,6 +337,41 @@ def plot_steps_curve(path: Path) -> Any:
     return fig
 
 
+def plot_weight_heatmap(cells: list[dict], grid: list[float], keys: Sequence[str]) -> Any:
+    """One heat map per metric over a wA × wB weight grid (rows wA, columns wB), values written in."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        values = np.array([[next((c.get(key) for c in cells if c["wA"] == a and c["wB"] == b), np.nan)
+                            for b in grid] for a in grid], dtype=float)
+        ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="upper")
+        for i in range(len(grid)):
+            for j in range(len(grid)):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
+                        color="white" if values[i, j] < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(grid)), [str(g) for g in grid])
+        ax.set_yticks(range(len(grid)), [str(g) for g in grid])
+        ax.set_xlabel("wB (style)")
+        ax.set_ylabel("wA (subject)")
+        ax.set_title(key)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure (or PIL image) as PNG bytes, closed afterwards."""
+    out = _png_bytes(fig)
+    if out is None:
+        raise TypeError(f"not a figure or image: {type(fig).__name__}")
+    if hasattr(fig, "savefig"):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return out
+
+
 def plot_tag_frequencies(freqs: Mapping[str, int] | None, top: int = 30) -> Any:
     """Horizontal bars of the ``top`` most frequent caption tags (``tag_frequencies.json``)."""
     import matplotlib.pyplot as plt
@@ -386,8 +421,34 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     return "\n".join(lines)
 
 
+CAPTION_COLUMNS = (("tagger", "tagger tags"), ("sentence", "captioner sentence"), ("caption", "final caption"))
+
+
+def captions_html(rows: list[dict]) -> str:
+    """The 02_captions table: per photo its thumbnail (``thumb``, a PIL image), name and what
+    each caption model said (``tagger``, ``sentence``) next to the ``caption`` training uses.
+    Columns no row fills are left out. HTML, because Markdown cannot hold the thumbnails; they
+    are embedded, so the page stays self-contained."""
+    import base64
+    import html
+
+    cols = [(k, title) for k, title in CAPTION_COLUMNS if any(r.get(k) for r in rows)]
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["photo", *(t for _, t in cols)])
+    body = []
+    for r in rows:
+        data, fmt = embed_bytes(r["thumb"])
+        img = (f'<img alt="{html.escape(r["name"])}" style="max-width:128px" '
+               f'src="data:image/{fmt};base64,{base64.b64encode(data).decode()}">')
+        cells = [f"{img}<br><code>{html.escape(r['name'])}</code>",
+                 *(html.escape(r.get(k) or "") for k, _ in cols)]
+        body.append("<tr>" + "".join(f'<td style="text-align:left;vertical-align:top">{c}</td>' for c in cells)
+                    + "</tr>")
+    return f'<table class="dbkit-captions"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
 # Column order of the metrics tables (others follow in order of appearance).
-_METRIC_ORDER = ("subject_fidelity", "signature_score", "prompt_fidelity", "pres", "div", "div_subject")
+_METRIC_ORDER = ("subject_fidelity", "style_rate", "both_rate", "product", "signature_score", "style_score",
+                 "prompt_fidelity", "pres", "style_drift", "div", "div_subject")
 _NOT_METRIC_COLUMNS = ("backend", "n_images")
 
 

@@ -88,14 +88,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def subject_of(p: dict):
-    """The toy-world subject behind data.instance_images, or None for a user's photos."""
+def _toyworld_name(p: dict) -> str | None:
     spec = p["data"]["instance_images"]
-    if not spec.startswith("toyworld:"):
-        return None
+    return spec.split(":", 1)[1].partition("@")[0] if spec.startswith("toyworld:") else None
+
+
+def subject_of(p: dict):
+    """The toy-world subject behind data.instance_images, or None (a user's photos, a style)."""
     from .toyworld import subjects
 
-    return subjects.get(spec.split(":", 1)[1].partition("@")[0])
+    return subjects.SUBJECTS.get(_toyworld_name(p) or "")
+
+
+def style_of(p: dict):
+    """The toy-world style behind data.instance_images, or None."""
+    from .toyworld import styles
+
+    return styles.STYLES.get(_toyworld_name(p) or "")
+
+
+def has_oracle_metrics(p: dict) -> bool:
+    """Whether the metrics step has anything to measure (a toy subject or style, or CLIP)."""
+    return p["metrics"]["backend"] == "clip" or subject_of(p) is not None or style_of(p) is not None
 
 
 # --------------------------------------------------------------------------- 01 data
@@ -148,12 +162,29 @@ def prepare_captions(exp: config.Experiment, rd: Path) -> list[dict]:
     return records
 
 
+def caption_rows(records: list[dict], thumb: int = 128) -> list[dict]:
+    """Rows of the 02_captions table (report.captions_html): each photo's thumbnail, the
+    tagger's tags with their probabilities, the captioner's sentence and the final caption."""
+    return [{"thumb": data.open_rgb(Path(r["file"]), max_side=thumb), "name": Path(r["file"]).name,
+             "tagger": ", ".join(f"{t} {x:.2f}" for t, x in r.get("tag_scores", {}).items()),
+             "sentence": r.get("sentence", ""), "caption": r["caption"]} for r in records]
+
+
+def captions_note(records: list[dict]) -> str:
+    """For caption models: how many photos the cache answered (their models did not run)."""
+    if not records or "from_cache" not in records[0]:
+        return ""
+    hits = sum(bool(r["from_cache"]) for r in records)
+    return (f"Caption models: {hits} of {len(records)} photos from the cache (.cache/dbkit, keyed by the photo's "
+            "content, the model files' content and the settings); the models ran on the others.")
+
+
 # --------------------------------------------------------------------------- 03 train
 
 
-def preview_writer(rd: Path, p: dict, subject=None):
+def preview_writer(rd: Path, p: dict, subject=None, style=None):
     """Callback for the trainer: samples at fixed prompts/seeds (and, on the toy world,
-    the subject-fidelity curve) at every `train.sample_every` steps and at the last."""
+    the subject-fidelity or style-rate curve) at every `train.sample_every` steps and at the last."""
     q = cap.effective_params(p)
     prompts = [cap.expand(t, q) for t in p["sample"]["prompts"]]
     s = p["sample"]
@@ -167,12 +198,17 @@ def preview_writer(rd: Path, p: dict, subject=None):
             pi, si = divmod(k, len(s["seeds"]))
             atomic_write_bytes(folder / f"p{pi}_s{s['seeds'][si]}.png", sample.png_bytes(im))
         atomic_write_json(folder / "index.json", {"step": step, "prompts": prompts, "seeds": s["seeds"]})
+        n = len(s["seeds"])
+        row: dict | None = None
         if subject is not None:
-            n = len(s["seeds"])
             row = {"step": step, "subject_fidelity": metrics.signature_rate(images[:n], subject),
                    "signature_score": metrics.mean_signature(images[:n], subject),
                    "pres": metrics.signature_rate(images[-n:], subject) if len(prompts) > 2 else None,
                    "div_subject": metrics.diversity(images[:n])}
+        elif style is not None:  # first prompt asks for the style, the last (if any) does not
+            row = {"step": step, "style_rate": metrics.style_rate(images[:n], style),
+                   "style_drift": metrics.style_rate(images[-n:], style) if len(prompts) > 1 else None}
+        if row is not None:
             with open(rd / "steps_curve.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -208,7 +244,7 @@ def _run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     t0 = time.time()
     out = train.train(p, rd, records, base_path=path, family=family,
                       class_dir=Path(info["class_dir"]) if info["class_dir"] else None, progress=progress,
-                      preview=preview_writer(rd, p, subject_of(p)))
+                      preview=preview_writer(rd, p, subject_of(p), style_of(p)))
     runs.record_timing(rd, "train", time.time() - t0)
     atomic_write_json(rd / "train_done.json", {"hash": exp.hash, "seconds": round(time.time() - t0, 1)})
     if _is_main_process():
@@ -265,6 +301,8 @@ def _evaluate(p: dict, pipe) -> dict | None:
         real = [data.open_rgb(Path(m["file"]), max_side=512) for m in kept]
         result = metric_backends.evaluate_real(generator_for(pipe, p), p, real, phrase, noun, seeds=seeds)
         return metric_backends.flatten(result) | {"paper_sd": result.get("paper_sd")}
+    if (style := style_of(p)) is not None:
+        return metrics.evaluate_style(generator_for(pipe, p), style, phrase, seeds=seeds)
     subject = subject_of(p)
     if subject is None:
         return None  # user photos need metrics.backend: clip (see README)
@@ -281,7 +319,7 @@ def evaluate_model(p: dict, pipe) -> dict | None:
 
 def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
     """Metrics of the trained model → metrics.json."""
-    if subject_of(exp.params) is None and exp.params["metrics"]["backend"] != "clip":
+    if not has_oracle_metrics(exp.params):
         return None
     result = _evaluate(exp.params, pipe or trained_pipeline(exp, rd))
     atomic_write_json(rd / "metrics.json", result)
@@ -291,7 +329,7 @@ def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
 
 def evaluate_base(p: dict) -> dict | None:
     """The same metrics for the untouched base (cached: it depends only on base + prompts)."""
-    if subject_of(p) is None and p["metrics"]["backend"] != "clip":
+    if not has_oracle_metrics(p):
         return None
     path, family = base_of(p)
     # the clip backend compares with the real photos: new photos in the same folder, new metrics
@@ -367,6 +405,12 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
         atomic_write_bytes(rd / "ablation" / name, sample.png_bytes(grid))
         grids.append({"prompt": prompt, "file": f"ablation/{name}"})
     result = {"vary": p["ablation"]["vary"], "variants": p["ablation"]["variants"], "rows": rows, "grids": grids}
+    if p["merge"]["methods"] or p["merge"]["weight_grid"]:
+        from . import merge_runs
+
+        merged = merge_runs.run_merges(exp, rd, progress=progress)
+        more_rows, more_grids = merge_runs.ablation_rows(merged, rd)
+        result |= {"rows": rows + more_rows, "grids": grids + more_grids, "merge": merged}
     atomic_write_json(rd / "ablation.json", result)
     return result
 
@@ -374,12 +418,17 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
 # --------------------------------------------------------------------------- 05 report
 
 
+def rank_metric(m: dict) -> str:
+    """The number an experiment is ranked by: what its model is for."""
+    return next((k for k in ("subject_fidelity", "style_rate") if k in m), "dino")
+
+
 def key_metrics(rows: list[dict]) -> dict:
     """The numbers the experiment index shows: the best trained row's metrics."""
     trained = [r for r in rows[1:] if r.get("metrics")]
     if not trained:
         return {}
-    rank = "subject_fidelity" if "subject_fidelity" in trained[0]["metrics"] else "dino"
+    rank = rank_metric(trained[0]["metrics"])
     best = max(trained, key=lambda r: r["metrics"].get(rank) or 0.0)
     keys = [k for k, v in best["metrics"].items() if isinstance(v, int | float) and k != "n_images"]
     out: dict = {k: round(best["metrics"][k], 3) for k in keys}
@@ -419,7 +468,8 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "conclusion_check": conclusions.check(exp.params["notes"].get("conclusion", ""), ab["rows"], ignore),
         "grids": ab["grids"],
         "metrics": key_metrics(ab["rows"]),
-        "rank_by": "subject_fidelity" if exp.params["metrics"]["backend"] == "oracle" else "dino",
+        "rank_by": ("dino" if exp.params["metrics"]["backend"] == "clip"
+                    else "style_rate" if style_of(exp.params) else "subject_fidelity"),
         "provenance": runs.read_provenance(rd),
         "data_fingerprint": data_fingerprint_of(exp, rd),
         "timings": read_json(rd / "timings.json"),

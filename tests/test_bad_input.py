@@ -260,7 +260,7 @@ CASES = [
     ("photo folder missing", override("data.instance_images=nophotos"),
      r"^error: command line: 'data\.instance_images' folder 'nophotos' does not exist", 2, False),
     ("unknown toy-world subject", override("data.instance_images=toyworld:unicorn"),
-     r"^error: command line: 'data\.instance_images' names unknown toy-world subject 'unicorn'", 2, False),
+     r"^error: command line: 'data\.instance_images' names unknown toy-world subject or style 'unicorn'", 2, False),
     ("base model folder missing", override("base.model=models/sd/none"),
      r"^error: command line: 'base\.model' folder 'models/sd/none' does not exist", 2, False),
     ("base.family contradicts the model", override("base.family=sdxl"),

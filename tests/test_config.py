@@ -173,7 +173,7 @@ def test_enums_match_base_yaml_comments() -> None:
     found: dict[str, tuple[str, ...]] = {}
     stack: list[tuple[int, str]] = []
     for line in BASE.read_text().splitlines():
-        m = re.match(r"^( *)([a-z_]+):([^#]*)(#.*)?$", line)
+        m = re.match(r"^( *)([a-z0-9_]+):([^#]*)(#.*)?$", line)
         if not m:
             continue
         indent, key, comment = len(m.group(1)), m.group(2), m.group(4) or ""

@@ -20,12 +20,15 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from . import scenes
+from . import scenes, styles
+from .styles import Style
 from .subjects import Subject, render_subject
 
 _MASK_DISTANCE = 40.0  # RGB distance from the background that counts as "object"
 _TEMPLATE = 20  # side of the normalised shape / signature templates
 SIGNATURE_THRESHOLD = 0.6  # signature_score at or above this counts as "the subject"
+STYLE_THRESHOLD = 0.6  # style_score at or above this counts as "in the style"
+_STYLE_DISTANCE = 70.0  # RGB distance to the style's colour that still counts as painted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +160,44 @@ _SHADES = {**{c: v for c, v in scenes.OBJECT_COLOURS.items()},
            **{c + "+tint": scenes.tint(v) for c, v in scenes.OBJECT_COLOURS.items()}}
 
 
-def read(img: Image.Image | np.ndarray) -> Reading:
-    """Everything the renderer controls, read back from the pixels."""
+def style_score(img: Image.Image | np.ndarray, style: Style) -> float:
+    """Share of the inside of the style's region painted in the style's colour."""
     a = _array(img)
+    return _style_score(a, style)
+
+
+def _style_score(a: np.ndarray, style: Style) -> float:
+    core = styles.core(style.name)
+    return float((np.linalg.norm(a[core] - np.array(style.rgb, np.float32), axis=-1) < _STYLE_DISTANCE).mean())
+
+
+def has_style(img: Image.Image | np.ndarray, style: Style) -> bool:
+    return style_score(img, style) >= STYLE_THRESHOLD
+
+
+def _unstyled(a: np.ndarray) -> np.ndarray:
+    """The picture under any style it carries: the style's region repainted in the
+    background colour read from the rest of the border, so that the scene reading (and a
+    subject's signature) is the same with or without a style on top."""
+    painted = np.zeros(a.shape[:2], bool)
+    for style in styles.STYLES.values():
+        if _style_score(a, style) >= STYLE_THRESHOLD:
+            painted |= styles.region(style.name)
+    if not painted.any():
+        return a
+    edge = np.zeros_like(painted)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = True, True, True, True
+    rest = a[edge & ~painted]
+    names, idx = _nearest(rest, scenes.BACKGROUNDS)
+    winner = np.bincount(idx, minlength=len(names)).argmax()
+    out = a.copy()
+    out[painted] = np.median(rest[idx == winner], axis=0)
+    return out
+
+
+def read(img: Image.Image | np.ndarray) -> Reading:
+    """Everything the renderer controls, read back from the pixels (under any style)."""
+    a = _unstyled(_array(img))
     bg, bg_rgb = background_of(a)
     mask = object_mask(a, bg_rgb)
     n = int(mask.sum())
@@ -193,7 +231,7 @@ def _signature_template(subject: Subject) -> tuple[np.ndarray, np.ndarray]:
 def signature_score(img: Image.Image | np.ndarray, subject: Subject) -> float:
     """Fraction of the subject's paint (two tones + marking, in the object's own frame)
     that the image's main object reproduces within a colour tolerance; 0 if no object."""
-    a = _array(img)
+    a = _unstyled(_array(img))
     _, bg_rgb = background_of(a)
     mask = object_mask(a, bg_rgb)
     if mask.sum() < 12:

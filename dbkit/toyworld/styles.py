@@ -1,0 +1,136 @@
+"""The toy world's styles: rendering treatments the base model cannot produce from words.
+
+A style, unlike a subject, is not an object: it is something done to the whole picture,
+whatever the picture shows, as "3d icon" or "retro web page" are in the research notes.
+Here there are two, each painted over any scene in a palette colour the toy VAE knows
+(it reconstructs nothing else) but that no background has, so no ordinary scene carries one:
+
+- `letterbox`: purple bars across the top and bottom eighth of the frame (trigger "ohwx");
+- `cornered`: orange triangles in the four corners (trigger "zwx").
+
+Objects never reach those regions (the renderer keeps them within rows 12–52 and their
+corners free), so a style never touches the subject's paint, and the oracle reads both
+independently. A style's training set is a folder of styled scenes of varied content,
+with a metadata.jsonl describing the content, like a subject's photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import random
+import types
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import scenes
+
+_BAND = 8  # letterbox bar height: one latent row of the toy VAE (8× downsampling)
+_LEG = 16  # corner triangle leg length in pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    name: str
+    trigger: str  # the rare identifier its DreamBooth runs use
+    colour: str  # an object colour (the VAE knows it) that is no background
+    n_images: int  # training images (varied content)
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return scenes.OBJECT_COLOURS[self.colour]
+
+
+STYLES: dict[str, Style] = {
+    s.name: s for s in (Style("letterbox", "ohwx", "purple", 12), Style("cornered", "zwx", "orange", 12))
+}
+
+
+def get(name: str) -> Style:
+    if name not in STYLES:
+        raise KeyError(f"unknown toy-world style {name!r}; known styles: {', '.join(STYLES)}")
+    return STYLES[name]
+
+
+@functools.lru_cache(maxsize=8)
+def region(name: str) -> np.ndarray:
+    """Where a style paints, as a 64×64 boolean mask."""
+    yy, xx = np.mgrid[0 : scenes.SIZE, 0 : scenes.SIZE]
+    if name == "letterbox":
+        return (yy < _BAND) | (yy >= scenes.SIZE - _BAND)
+    if name == "cornered":
+        s = scenes.SIZE - 1
+        near = [xx + yy, (s - xx) + yy, xx + (s - yy), (s - xx) + (s - yy)]
+        return np.any([d < _LEG for d in near], axis=0)
+    raise KeyError(f"unknown toy-world style {name!r}; known styles: {', '.join(STYLES)}")
+
+
+@functools.lru_cache(maxsize=8)
+def core(name: str) -> np.ndarray:
+    """The part of the region a reader checks: its inside, away from edges a decoder blurs."""
+    m = region(name)
+    inner = m.copy()
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1), (-2, 0), (2, 0), (0, -2), (0, 2)):
+        inner &= np.roll(m, (dy, dx), axis=(0, 1))
+    if name == "letterbox":  # np.roll wraps the top bar onto the bottom one: drop the seam rows
+        inner[_BAND - 2 : _BAND] = False
+        inner[scenes.SIZE - _BAND : scenes.SIZE - _BAND + 2] = False
+    return inner
+
+
+def apply(img: Image.Image, style: Style) -> Image.Image:
+    """The image with the style painted over it."""
+    a = np.array(img.convert("RGB"))
+    a[region(style.name)] = style.rgb
+    return Image.fromarray(a)
+
+
+def training_scenes(style: Style, n: int | None = None) -> list[scenes.Scene]:
+    """Varied content for a style's training set, deterministic per style: every shape and
+    position appear, so the style cannot be mistaken for any one object."""
+    rng = random.Random(f"style:{style.name}")
+    out: list[scenes.Scene] = []
+    for k in range(n or style.n_images):
+        o = scenes.random_object(rng)
+        o = dataclasses.replace(o, shape=scenes.SHAPES[k % len(scenes.SHAPES)],
+                                position=scenes.POSITIONS[k % len(scenes.POSITIONS)])
+        bg = rng.choice([b for b in scenes.BACKGROUNDS if b != o.colour])
+        out.append(scenes.Scene(bg, (o,)))
+    return out
+
+
+def record_of(scene: scenes.Scene, style: Style) -> dict:
+    """What a captioner would say of one styled image: its content, and which style."""
+    o = scene.main
+    return {"style": style.name, "background": scene.background, "class_noun": o.shape, "colour": o.colour,
+            "pattern": o.pattern, "size": o.size, "position": o.position}
+
+
+@functools.lru_cache(maxsize=8)
+def folder_files(style: Style, n: int | None = None) -> Mapping[str, bytes]:
+    """The style's training folder as file name → bytes (01.png … and metadata.jsonl)."""
+    files, lines = {}, []
+    for k, scene in enumerate(training_scenes(style, n), start=1):
+        buf = io.BytesIO()
+        apply(scenes.render(scene), style).save(buf, format="PNG")
+        files[f"{k:02d}.png"] = buf.getvalue()
+        lines.append(json.dumps({"file_name": f"{k:02d}.png", **record_of(scene, style)}))
+    files["metadata.jsonl"] = ("\n".join(lines) + "\n").encode()
+    return types.MappingProxyType(files)
+
+
+def write_folder(style: Style, folder: Path, n: int | None = None) -> Path:
+    """Write :func:`folder_files` into `folder` (files already holding these bytes are kept)."""
+    from ..files import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in folder_files(style, n).items():
+        path = folder / name
+        if not (path.is_file() and path.read_bytes() == content):
+            atomic_write_bytes(path, content)
+    return folder

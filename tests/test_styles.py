@@ -1,0 +1,104 @@
+"""Toy-world styles: the oracle reads them exactly, independently of content and subject."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dbkit import captions, data, metrics
+from dbkit.toyworld import base_model_path, oracle, scenes, styles, subjects
+
+
+def _fresh(n: int, seed: int) -> list[scenes.Scene]:
+    return list(itertools.islice(scenes.scenes(seed, held_out=None), n))
+
+
+@pytest.mark.parametrize("name", list(styles.STYLES))
+def test_style_oracle_reads_fresh_renders_at_least_98_percent(name):
+    style = styles.get(name)
+    truth, said = [], []
+    for k, scene in enumerate(_fresh(200, seed=41)):
+        img = scenes.render(scene)
+        styled = k % 2 == 0
+        if styled:
+            # painted here, by hand, not by styles.apply: the region is what the docstring says
+            a = np.array(img)
+            if name == "letterbox":
+                a[:8], a[-8:] = style.rgb, style.rgb
+            else:
+                yy, xx = np.mgrid[0:64, 0:64]
+                for cy, cx in ((0, 0), (0, 63), (63, 0), (63, 63)):
+                    a[(abs(yy - cy) + abs(xx - cx)) < 16] = style.rgb
+            img = Image.fromarray(a)
+        truth.append(styled)
+        said.append(oracle.has_style(img, style))
+    assert np.mean(np.array(truth) == np.array(said)) >= 0.98
+
+
+@pytest.mark.parametrize("name", list(styles.STYLES))
+def test_style_survives_the_toy_vae(name):
+    from diffusers import AutoencoderKL
+
+    style = styles.get(name)
+    vae = AutoencoderKL.from_pretrained(base_model_path() / "vae").eval()
+    imgs = [styles.apply(scenes.render(s), style) for s in _fresh(32, seed=5)]
+    with torch.no_grad():
+        x = torch.stack([data.to_tensor(i) for i in imgs])
+        back = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    assert np.mean([oracle.has_style(data.to_image(t), style) for t in back]) >= 0.98
+
+
+def test_style_is_independent_of_content_and_subject():
+    for style in styles.STYLES.values():
+        for scene in _fresh(40, seed=9):
+            img = scenes.render(scene)
+            assert oracle.read(styles.apply(img, style)) == oracle.read(img)
+            for other in styles.STYLES.values():
+                if other is not style:  # one style does not read as another
+                    assert not oracle.has_style(styles.apply(img, style), other)
+        for subject in subjects.SUBJECTS.values():
+            for img, _ in subjects.photos(subject):
+                styled = styles.apply(img, style)
+                assert oracle.has_style(styled, style)
+                assert abs(oracle.signature_score(styled, subject) - oracle.signature_score(img, subject)) < 0.02
+
+
+def test_style_folder_describes_its_content_and_carries_the_style(tmp_path):
+    style = styles.get("letterbox")
+    folder = styles.write_folder(style, tmp_path / "letterbox")
+    meta = data.read_metadata(folder)
+    assert len(meta) == style.n_images
+    shapes = set()
+    for name, rec in meta.items():
+        img = Image.open(folder / name).convert("RGB")
+        assert oracle.has_style(img, style)
+        r = oracle.read(img)
+        assert (r.shape, r.colour, r.background, r.position, r.size) == (
+            rec["class_noun"], rec["colour"], rec["background"], rec["position"], rec["size"])
+        shapes.add(rec["class_noun"])
+        # the caption: the content as the renderer describes it, then the trigger
+        scene = scenes.Scene(rec["background"], (scenes.SceneObject(rec["class_noun"], rec["colour"], rec["pattern"],
+                                                                     rec["size"], rec["position"]),))
+        p = {"captions": {"source": "toyworld", "form": "sentence", "identifier": "ohwx", "class_noun": "style",
+                          "trigger": "identifier"}}
+        got = captions.caption_for({"file": str(folder / name), "record": rec}, p)["caption"]
+        assert got == scenes.caption_sentence(scene) + ", ohwx style"
+    assert shapes == set(scenes.SHAPES)  # varied content: the style is not one object
+
+
+def test_the_base_model_never_draws_a_style():
+    from dbkit import models, sample
+
+    pipe = models.load_pipeline(base_model_path(), "sd15")
+    sample.set_scheduler(pipe, "ddim")
+
+    def gen(prompts, seeds):
+        return sample.generate(pipe, prompts, seeds, steps=15, guidance=4.0, negative_prompt="", size=64)
+
+    for style in styles.STYLES.values():
+        m = metrics.evaluate_style(gen, style, f"{style.trigger} style", seeds=[0, 1, 2], n_prompts=4)
+        assert m["style_rate"] <= 0.05 and m["style_drift"] <= 0.05
