@@ -59,6 +59,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    """Sample (and with --metrics, evaluate) every kept checkpoint of a run folder."""
+    import os
+
+    from . import checkpoints, runs, sample
+    from .files import atomic_write_bytes
+
+    rd = Path(args.run_dir).resolve()
+    out = Path(args.out).resolve() if args.out else rd / "checkpoint_grid.png"
+    if not (rd / "params.yaml").is_file():
+        print(f"error: {args.run_dir}: not a run folder (no params.yaml): pass runs/<experiment>/<hash>",
+              file=sys.stderr)
+        return 2
+    if rd.parent.parent.name == "runs":  # relative paths in its params are the project root's
+        os.chdir(rd.parent.parent.parent)
+    exp = checkpoints.experiment_of(rd)
+    seeds = args.seeds if args.seeds else list(exp.params["sample"]["seeds"])
+    with runs.lock_run(rd, "dbkit checkpoints " + str(args.run_dir)):  # exporting a checkpoint writes into it
+        grid = checkpoints.checkpoint_grid(exp, rd, args.prompt, seeds, scale=args.scale)
+        atomic_write_bytes(out, sample.png_bytes(grid))
+        print(out)
+        if args.metrics:
+            for rec in checkpoints.evaluate_checkpoints(exp, rd):
+                print(json.dumps({k: rec[k] for k in ("step", "subject_fidelity", "prompt_fidelity", "pres", "div")
+                                  if k in rec}))
+            print(rd / checkpoints.CHECKPOINT_METRICS)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import runner
 
@@ -215,6 +244,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="the other run folder or params file")
     p.add_argument("--html", default="", help="also write a self-contained page with both runs' grids side by side")
     p.set_defaults(func=_cmd_compare)
+
+    p = add("checkpoints", help="a run's kept checkpoints side by side: rows = steps (then the final output), "
+                                "columns = seeds, one prompt; --metrics also measures each checkpoint")
+    p.add_argument("run_dir", help="a run folder, runs/<experiment>/<hash>")
+    p.add_argument("--prompt", default="a {subject}", help="the prompt ({subject} and {class_noun} expand as in "
+                                                           "params; default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds, one column each (default: sample.seeds)")
+    p.add_argument("--scale", type=int, default=2, help="enlargement of small samples in the grid (default: 2)")
+    p.add_argument("--out", default="", help="PNG path (default: <run_dir>/checkpoint_grid.png)")
+    p.add_argument("--metrics", action="store_true", help="also evaluate each checkpoint as metrics.json does → "
+                   "<run_dir>/checkpoint_metrics.jsonl (slow: the full evaluation per checkpoint; cached by step)")
+    p.set_defaults(func=_cmd_checkpoints)
 
     p = add("report", help="rebuild reports/index.html from every experiment's summary.json")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")

@@ -62,8 +62,9 @@ LIST_ENUMS: dict[str, tuple[str, ...]] = {
 _LIST_ELEMENTS: dict[str, type] = {"merge.weights": float, "merge.weight_grid": float}
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
-# (an ablation's variants are hashed one by one, each with its own overridden value).
-HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge")  # merges are cached by their own inputs
+# (an ablation's variants are hashed one by one, each with its own overridden value; merges
+# are cached by their own inputs; report.* only changes how the report reads the run).
+HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge", "report")
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -123,6 +124,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "sample.steps": (1, None, True),
     "sample.guidance": (0, None, True),
     "metrics.num_per_prompt": (1, None, True),
+    "report.plateau_eps": (0, 1, True),
+    "report.plateau_window": (1, None, True),
 }
 _MULTIPLE_OF_8 = ("base.resolution", "data.resolution")
 _NON_EMPTY_LISTS = ("sample.seeds", "sample.prompts")
@@ -448,10 +451,21 @@ def _check_tree(src: str, raw: Any, *, top: bool) -> dict:
     return out
 
 
+VERDICTS = ("agrees", "differs", "partly")
+
+
+def _check_verdict(src: str, notes: Any) -> None:
+    """notes is free prose, except notes.verdict, which the reports index tabulates."""
+    v = notes.get("verdict") if isinstance(notes, dict) else None
+    if v not in (None, "", *VERDICTS):
+        raise ConfigError(f"{src}: 'notes.verdict' must be one of {', '.join(VERDICTS)} (or empty), got {v!r}")
+
+
 def _check_node(src: str, key: str, value: Any) -> Any:
     if not is_valid_key(key):
         raise ConfigError(f"{src}: unknown key '{key}'{_suggest(key)}")
     if key in _FREE_KEYS:
+        _check_verdict(src, value)
         return value
     if key == _VARY_KEY:
         return _check_vary(src, value)

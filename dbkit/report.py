@@ -482,9 +482,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     """The report's head: hypothesis, conclusion, key metrics, params diff and the ablation."""
     notes = summary.get("notes") or {}
     parts = [f"## {summary.get('experiment', '')}".rstrip()]
-    for title in ("hypothesis", "conclusion"):
-        text = str(summary.get(title) or notes.get(title) or "").strip()
-        parts.append(f"**{title.capitalize()}.** {text or '_not written_'}")
+    hypothesis = str(summary.get("hypothesis") or notes.get("hypothesis") or "").strip()
+    parts.append(f"**Hypothesis.** {hypothesis or '_not written_'}")
+    parts.append(conclusion_markdown(summary))
     metrics = summary.get("metrics") or {}
     if metrics:
         rank_by = summary.get("rank_by")
@@ -503,6 +503,18 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             "no prior preservation"
         parts.append(f"**Data.** {data.get('n_instance')} instance images from `{data.get('instance_dir')}`; {klass}.")
     return "\n\n".join(parts)
+
+
+def conclusion_markdown(summary: Mapping[str, Any]) -> str:
+    """The written conclusion, with a warning above it when its quoted figures are not in this
+    run's table or nothing is written (``summary["conclusion_check"]``, :mod:`dbkit.conclusions`)."""
+    notes = summary.get("notes") or {}
+    text = str(summary.get("conclusion") or notes.get("conclusion") or "").strip()
+    check = summary.get("conclusion_check") or {}
+    out = f"**Conclusion.** {text or '_not written_'}"
+    if check.get("message"):
+        out = f"> ⚠ **{check['message']}**\n\n" + out
+    return out
 
 
 def provenance_markdown(summary: Mapping[str, Any]) -> str:

@@ -798,15 +798,21 @@ a { color: #0969da; }
 """
 
 
-def build_index(reports_root: Path = Path("reports")) -> Path:
+def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = None) -> Path:
     """Write ``reports/index.html``: every experiment with a ``summary.json``, best first, one
     row each (its latest version; the others linked in the row), and each experiment's
-    versions page (:func:`write_versions_page`).
+    versions page (:func:`write_versions_page`). Below it, the sections of
+    :mod:`dbkit.index_tables`: all runs (sortable) and the research notes of ``notes_dir``
+    (default: ``params/notes`` beside the reports folder).
 
     Experiments are sorted, descending, by the metric most of them name as ``rank_by``;
-    those without it follow, newest first.
+    those without it follow, newest first. A conclusion whose figures are not in its run's
+    table (or an empty one) is flagged under the hypothesis.
     """
+    from . import index_tables
+
     root = Path(reports_root)
+    project = index_tables.project_root(root)
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
     for folder in folders:
         write_versions_page(folder)
@@ -839,6 +845,7 @@ def build_index(reports_root: Path = Path("reports")) -> Path:
         notes = s.get("notes") if isinstance(s.get("notes"), dict) else {}
         hypo = str(s.get("hypothesis") or notes.get("hypothesis") or "").strip()
         hypo = html.escape(hypo).replace("\n", "<br>")
+        hypo += index_tables.stale_html(index_tables.conclusion_check(s, project))
         cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
                         f"{_fmt_metric(metrics(r).get(n))}</td>"
                         for n in names)
@@ -852,13 +859,19 @@ def build_index(reports_root: Path = Path("reports")) -> Path:
         body.append(f'<tr><td colspan="{5 + len(names)}">No experiment has a summary yet: '
                     "run <code>dbkit run params/&lt;experiment&gt;.yaml</code>.</td></tr>")
     sub = f"{len(rows)} experiment(s)" + (f", ranked by {html.escape(rank_by)}" if rank_by else "")
+    latest = [(r.name, r.href, r.summary) for r in rows]
+    all_runs = index_tables.all_runs_html(index_tables.all_runs(latest, project))
+    notes = index_tables.notes_html(index_tables.notes_experiments(
+        project / "params" / "notes" if notes_dir is None else Path(notes_dir),
+        {name: (href, s) for name, href, s in latest}, project))
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>dbkit experiments</title><style>{_INDEX_CSS}</style></head><body>"
+        f"<title>dbkit experiments</title><style>{_INDEX_CSS}{index_tables.INDEX_CSS}</style></head><body>"
         f'<h1>Experiments</h1><p class="sub">{sub}</p>'
         f"<table><thead><tr><th>experiment</th><th>hypothesis</th>{head}<th>params hash</th><th>date</th>"
-        f"<th>other versions</th></tr></thead><tbody>{''.join(body)}</tbody></table></body></html>\n"
+        f"<th>other versions</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f"{all_runs}{notes}<script>{index_tables.SORT_JS}</script></body></html>\n"
     )
     out = root / "index.html"
     files.atomic_write_text(out, page)

@@ -309,6 +309,14 @@ def _evaluate(p: dict, pipe) -> dict | None:
     return metrics.evaluate(generator_for(pipe, p), subject, phrase, noun, seeds=seeds)
 
 
+def evaluate_model(p: dict, pipe) -> dict | None:
+    """The metrics of metrics.json for any loaded pipeline (a checkpoint's, say) with params `p`;
+    None where there is no backend for the subject (user photos with the oracle)."""
+    if subject_of(p) is None and p["metrics"]["backend"] != "clip":
+        return None
+    return _evaluate(p, pipe)
+
+
 def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
     """Metrics of the trained model → metrics.json."""
     if not has_oracle_metrics(exp.params):
@@ -440,8 +448,13 @@ def data_fingerprint_of(exp: config.Experiment, rd: Path) -> str | None:
 
 def summarise(exp: config.Experiment, rd: Path) -> dict:
     """Everything the report shows, gathered from the run folder's files."""
+    from . import conclusions
+
     ab = read_json(rd / "ablation.json") or {"rows": [], "grids": [], "vary": {}}
     parent = exp.parent_params()
+    diff = {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
+            if not k.startswith(("notes", "experiment"))}
+    ignore = conclusions.params_figures(ab["vary"], ab.get("variants", {}), diff)
     return {
         "experiment": exp.name,
         "params_file": str(exp.path),
@@ -449,9 +462,10 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "notes": exp.params["notes"],
         "vary": ab["vary"],
         "variants": ab.get("variants", {}),
-        "diff": {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
-                 if not k.startswith(("notes", "experiment"))},
+        "diff": diff,
         "rows": ab["rows"],
+        # the written conclusion against this run's table (notes are outside the params hash)
+        "conclusion_check": conclusions.check(exp.params["notes"].get("conclusion", ""), ab["rows"], ignore),
         "grids": ab["grids"],
         "metrics": key_metrics(ab["rows"]),
         "rank_by": ("dino" if exp.params["metrics"]["backend"] == "clip"

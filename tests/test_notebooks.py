@@ -50,6 +50,7 @@ def test_all_five_notebooks_run_through_papermill(in_tmp, tiny_base):
     assert "workflow.summarise" not in index  # rendered without code cells
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experiment"] == "nbtest" and "subject_fidelity" in summary["metrics"]
+    assert summary["conclusion_check"]["status"] == "unchecked"  # "it does" quotes no figure: nothing to flag
     # each notebook recorded its own stage; training's record is the one the report shows
     stages = summary["provenance"]["stages"]
     assert set(stages) == {"data", "captions", "train", "metrics", "ablations", "report"}
