@@ -55,6 +55,28 @@ def expand(template: str, p: dict) -> str:
     return template.format(subject=subject_phrase(p), identifier=c["identifier"], class_noun=c["class_noun"])
 
 
+CAPTION_CLASS_PROMPT = "{caption}"  # prior.class_prompt: one class prompt per instance caption
+
+
+def class_caption(caption: str, p: dict) -> str:
+    """An instance caption with the subject taken out: a trailing trigger (", ohwx style")
+    is dropped, elsewhere the subject phrase becomes the class noun ("a sks heart on …" →
+    "a heart on …"). The base's picture for it is what the caption means without the subject."""
+    phrase, noun = subject_phrase(p), p["captions"]["class_noun"]
+    if caption.endswith(", " + phrase):
+        return caption[: -len(phrase) - 2]
+    return caption.replace(phrase, noun)
+
+
+def class_prompts(p: dict, records: list[dict]) -> list[str]:
+    """The prompts class images are generated from: prior.class_prompt, or with "{caption}"
+    each distinct instance caption without its subject (style DreamBooth: the same content,
+    unstyled, so the style is bound to the trigger and not to every prompt)."""
+    if p["prior"]["class_prompt"] != CAPTION_CLASS_PROMPT:
+        return [expand(p["prior"]["class_prompt"], p)]
+    return list(dict.fromkeys(class_caption(r["caption"], p) for r in records))
+
+
 def _from_scene(scene, noun: str, form: str) -> tuple[str, list[str]]:
     from .toyworld import scenes
 

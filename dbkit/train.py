@@ -569,12 +569,21 @@ def load_training_examples(p: dict, vae, caption_records: list[dict],
     """Instance examples, class (prior) examples and the class prompt, latents cached where
     the pixels are the same at every step."""
     instance = load_examples(caption_records, p)
-    prior_prompt = cap.expand(p["prior"]["class_prompt"], p)
+    per_image = p["prior"]["class_prompt"] == cap.CAPTION_CLASS_PROMPT
+    prior_prompt = "" if per_image else cap.expand(p["prior"]["class_prompt"], p)
     klass: list[Example] = []
     if p["prior"]["enabled"]:
         if class_dir is None:
             raise TrainingError("prior.enabled but no class images were prepared (run 01_data first)")
         recs = [{"file": str(f), "caption": prior_prompt, "tags": [prior_prompt]} for f in data.list_images(class_dir)]
+        if per_image:  # each class image's own prompt, as its folder's metadata.jsonl records it
+            said = {name: rec.get("text") or rec.get("caption") for name, rec in data.read_metadata(class_dir).items()}
+            missing = [Path(r["file"]).name for r in recs if not said.get(Path(r["file"]).name)]
+            if missing:
+                raise TrainingError(f"{class_dir}: prior.class_prompt is \"{{caption}}\" but metadata.jsonl gives no "
+                                    f"text for {', '.join(missing[:5])}; add a text per class image or set a "
+                                    "fixed prior.class_prompt")
+            recs = [r | {"caption": said[Path(r["file"]).name], "tags": [said[Path(r["file"]).name]]} for r in recs]
         klass = load_examples(recs, {**p, "data": {**p["data"], "flip": False, "repeats": 1, "center_crop": True}})
     if p["train"]["cache_latents"] and p["data"]["center_crop"]:  # random crops differ every step: nothing to cache
         cache_latents(vae, instance + klass)
@@ -693,7 +702,7 @@ def micro_step(tr: Trainer, step: int, micro: int, te_on: bool, ti_on: bool) -> 
     if tr.klass:
         cidx = epoch_indices(len(tr.klass), micro, t["batch_size"], p["seed"] + 1, accel.process_index)
         batch += [fit_to(tr.klass[i], batch[0].bucket) for i in cidx]
-        prompts += [tr.prior_prompt] * len(cidx)
+        prompts += [tr.klass[i].record["caption"] for i in cidx]
     loss, l_inst, l_prior = batch_loss(tr, batch, prompts, len(idx), gen, te_on or ti_on)
     if not torch.isfinite(loss):
         kept = latest_checkpoint(tr.ckpt_root)
