@@ -92,6 +92,8 @@ def all_runs(experiments: Sequence[tuple[str, str, Mapping[str, Any]]], root: Pa
             if not isinstance(row, Mapping) or not row.get("run_dir"):
                 continue
             params = read_yaml(_resolve(row["run_dir"], root) / "params.yaml")
+            if params is None and isinstance(row.get("params"), Mapping):
+                params = row["params"]  # the report keeps them when the run folder is gone
             metrics = row.get("metrics") if isinstance(row.get("metrics"), Mapping) else {}
             out.append({"experiment": name, "variant": str(row.get("label", "")), "href": href,
                         "run_dir": str(row["run_dir"]),

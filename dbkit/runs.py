@@ -315,6 +315,15 @@ def update_provenance(run_dir: Path, stage: str, **fields: Any) -> None:
         atomic_write_json(Path(run_dir) / "provenance.json", info)
 
 
+def read_params(run_dir: Path) -> dict | None:
+    """The params a run folder was made with (its params.yaml), None when there is none."""
+    path = Path(run_dir) / "params.yaml"
+    if not path.is_file():
+        return None
+    found = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return found if isinstance(found, dict) else None
+
+
 def read_provenance(run_dir: Path) -> dict:
     """``{"stages": {stage: record}}`` from the run's provenance.json (empty when missing).
     A file from an older dbkit holds one record, restamped by every notebook: its stage is

@@ -449,6 +449,13 @@ def data_fingerprint_of(exp: config.Experiment, rd: Path) -> str | None:
     return trained.get("data_fingerprint") or data.data_fingerprint(exp.params)
 
 
+def _with_params(row: dict) -> dict:
+    """A table row with its run's params, so the all-runs table can still diff them when
+    only the report is kept (reports are committed, run folders are not)."""
+    params = runs.read_params(Path(row["run_dir"])) if row.get("run_dir") else None
+    return row | {"params": params} if params is not None else row
+
+
 def summarise(exp: config.Experiment, rd: Path) -> dict:
     """Everything the report shows, gathered from the run folder's files."""
     from . import conclusions
@@ -466,7 +473,7 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "vary": ab["vary"],
         "variants": ab.get("variants", {}),
         "diff": diff,
-        "rows": ab["rows"],
+        "rows": [_with_params(r) for r in ab["rows"]],
         # the written conclusion against this run's table (notes are outside the params hash)
         "conclusion_check": conclusions.check(exp.params["notes"].get("conclusion", ""), ab["rows"], ignore),
         "grids": ab["grids"],

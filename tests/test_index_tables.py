@@ -151,3 +151,10 @@ console.log(out.join(" "));
     result = subprocess.run([node, "-e", shim], capture_output=True, text=True, timeout=30, check=True)
     # numbers compare as numbers (2 < 10), empty cells go last either way
     assert result.stdout.split() == ["bdca", "cdba", "abcd"]
+
+
+def test_a_committed_report_keeps_its_params_when_the_run_folder_is_gone(project: Path) -> None:
+    summary = {"rows": [{"label": "kept", "run_dir": "runs/nowhere/eeee", "metrics": {"subject_fidelity": 0.5},
+                         "params": {"train": {"lr": 0.004}}}]}
+    found = index_tables.all_runs([("exp-c", "exp-c/x/index.html", summary)], project)
+    assert found[0]["params"] == {"train.lr": 0.004}
