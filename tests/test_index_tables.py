@@ -154,7 +154,9 @@ console.log(out.join(" "));
 
 
 def test_a_committed_report_keeps_its_params_when_the_run_folder_is_gone(project: Path) -> None:
+    params = index_tables.base_params()
+    params["train"]["lr"] = 0.004
     summary = {"rows": [{"label": "kept", "run_dir": "runs/nowhere/eeee", "metrics": {"subject_fidelity": 0.5},
-                         "params": {"train": {"lr": 0.004}}}]}
+                         "params": params}]}
     found = index_tables.all_runs([("exp-c", "exp-c/x/index.html", summary)], project)
     assert found[0]["params"] == {"train.lr": 0.004}
