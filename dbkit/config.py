@@ -484,6 +484,8 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
     inst = params["data"]["instance_images"]
     if not inst.startswith("toyworld:"):
         _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
+        if params["train"]["masked_loss"]:
+            _check_masks(src("train.masked_loss"), inst)
     if params["data"]["class_images"]:
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
@@ -720,6 +722,22 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
         raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images "
                           f"({' '.join(IMAGE_SUFFIXES)}): {fix}")
     _check_text_files(p)
+
+
+def _check_masks(src: str, folder: str) -> None:
+    """train.masked_loss needs a mask for every photo: found here, not at the first step."""
+    from .data import DataError, list_images
+    from .masks import missing_masks
+
+    try:
+        missing = missing_masks(list_images(Path(folder)))
+    except DataError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    if missing:
+        names = ", ".join(f.name for f in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"{src}: 'train.masked_loss' is true but {len(missing)} photo(s) in {folder} have no mask "
+                          f"({names}): save <stem>.mask.png beside each (white = subject, black = background, the "
+                          "photo's size) or give them a transparent background; or set train.masked_loss: false")
 
 
 def _check_text_files(folder: Path) -> None:

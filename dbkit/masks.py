@@ -1,0 +1,109 @@
+"""Subject masks (white = subject): where a photo's mask comes from, for masked loss and matting.
+
+Sources, first found wins:
+
+1. `<stem>.mask.png` beside the photo (greyscale; grey values are partial weights, as in
+   kohya's mask images), the size of the upright photo;
+2. the photo's own transparency (alpha channel, or a palette/colour key marked transparent):
+   a cut-out is its own mask;
+3. on the toy world only (`data.instance_images: toyworld:…`), the oracle's object mask read
+   from the pixels: the renderer draws one object on a flat background, so the region that
+   differs from the background is the subject.
+
+A photo with none of these has no mask; `require_mask` says how to give it one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .data import DataError, eight_bit
+
+MASK_SUFFIX = ".mask.png"
+
+
+def mask_path(image: Path) -> Path:
+    """Where a photo's user mask lives: `<stem>.mask.png` beside it."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def load_mask(image: Path, *, toy: bool = False) -> Image.Image | None:
+    """The photo's subject mask as an 8-bit L image at the upright photo's size, or None."""
+    user = mask_path(image)
+    if user.exists():
+        size = _upright_size(image)
+        try:
+            with Image.open(user) as m:
+                mask = eight_bit(ImageOps.exif_transpose(m)).convert("L")
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{user}: cannot read this mask ({e}); re-save it as a grey PNG (white = subject)") from e
+        if mask.size != size:
+            raise DataError(f"{user}: the mask is {mask.size[0]}×{mask.size[1]} but its photo {image.name} is "
+                            f"{size[0]}×{size[1]} (upright): save the mask at the photo's size")
+        return mask
+    try:
+        with Image.open(image) as im:
+            if has_alpha(im):
+                return eight_bit(ImageOps.exif_transpose(im)).convert("RGBA").getchannel("A")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{image}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+    return toy_mask(image) if toy else None
+
+
+def _upright_size(image: Path) -> tuple[int, int]:
+    from .data import upright_size
+
+    try:
+        with Image.open(image) as im:
+            return upright_size(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{image}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+
+
+def toy_mask(image: Path) -> Image.Image:
+    """The toy-world oracle's object mask of a rendered photo, at the photo's size."""
+    from .data import open_rgb
+    from .toyworld import oracle
+
+    im = open_rgb(image)
+    a = np.asarray(im, dtype=np.float32)
+    _, bg = oracle.background_of(a)
+    return Image.fromarray(fill_holes(oracle.object_mask(a, bg)).astype(np.uint8) * 255, "L")
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with its enclosed holes filled: a subject's marking in the background's
+    colour (eyed_heart's white eye on a white backdrop) is still the subject."""
+    import cv2
+
+    n, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, edge) & ~mask
+    return ~outside
+
+
+def require_mask(image: Path, *, toy: bool = False, why: str = "train.masked_loss is true") -> Image.Image:
+    """`load_mask`, or a DataError naming the photo and the ways to give it a mask."""
+    mask = load_mask(image, toy=toy)
+    if mask is None:
+        raise DataError(f"{image}: {why} but this photo has no mask: save one as {mask_path(image).name} beside it "
+                        "(white = subject, black = background, same size as the photo), or give the photo a "
+                        "transparent background (PNG with alpha); or set train.masked_loss: false")
+    return mask
+
+
+def missing_masks(images: list[Path], *, toy: bool = False) -> list[Path]:
+    """The photos that have no mask (none of the sources above)."""
+    return [f for f in images if load_mask(f, toy=toy) is None]
+
+
+def is_toy(p: dict) -> bool:
+    """Whether the instance photos are the toy world's renders (the oracle can mask them)."""
+    return str(p["data"]["instance_images"]).startswith("toyworld:")
