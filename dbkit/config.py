@@ -47,6 +47,8 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "sample.scheduler": ("ddim", "euler", "dpm++"),
     "metrics.backend": ("oracle", "clip"),
     "data.on_bad_image": ("fail", "skip"),
+    "data.detector": ("none", "opencv", "oracle", "yolo"),
+    "data.crop_to": ("none", "face", "upper_body", "body"),
 }
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
@@ -70,6 +72,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.repeats": (1, None, True),
     "data.max_images": (0, None, True),
     "data.min_subject_area": (0, 1, True),
+    "data.min_face_ratio": (0, 1, True),
+    "data.crop_margin": (0, None, True),
     "captions.keep_first": (0, None, True),
     "captions.dropout": (0, 1, True),
     "prior.num_images": (0, None, True),
@@ -478,8 +482,10 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         raise ConfigError(f"{src('metrics.backend')}: metrics.backend is clip but metrics.clip_model is "
                           "empty: point it at a local CLIP folder")
     _check_captions(src, params)
+    _check_detector(src, params["data"])
     if not check_files:
         return
+    _check_detector_files(src, params["data"])
     _check_machine(src, params["train"])
     inst = params["data"]["instance_images"]
     if not inst.startswith("toyworld:"):
@@ -724,20 +730,39 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
     _check_text_files(p)
 
 
+def _check_detector(src: Callable[[str], str], d: dict) -> None:
+    """A face filter or crop needs a detector; the oracle reads only the toy world's renders."""
+    for key, on in (("min_face_ratio", d["min_face_ratio"] > 0), ("crop_to", d["crop_to"] != "none")):
+        if on and d["detector"] == "none":
+            raise ConfigError(f"{src('data.' + key)}: 'data.{key}' needs a detector but data.detector is none: set "
+                              "data.detector: opencv (or yolo with data.detector_model; oracle on the toy world)")
+    if d["detector"] == "oracle" and not str(d["instance_images"]).startswith("toyworld:"):
+        raise ConfigError(f"{src('data.detector')}: 'data.detector' is oracle, which reads only the toy world's "
+                          "renders, but data.instance_images is a folder of photos: use opencv or yolo")
+
+
+def _check_detector_files(src: Callable[[str], str], d: dict) -> None:
+    """The YOLO weights file must exist, and ultralytics be installed, before any data work."""
+    import importlib.util
+
+    model = d["detector_model"]
+    if (model or d["detector"] == "yolo") and not Path(model).is_file():
+        raise ConfigError(f"{src('data.detector_model')}: 'data.detector_model' file {model!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at local YOLO weights (.pt), downloaded elsewhere")
+    if d["detector"] == "yolo" and importlib.util.find_spec("ultralytics") is None:
+        raise ConfigError(f"{src('data.detector')}: 'data.detector' is yolo, which needs the ultralytics package: "
+                          "`pip install ultralytics`, or set data.detector: opencv")
+
+
 def _check_masks(src: str, folder: str) -> None:
     """train.masked_loss needs a mask for every photo: found here, not at the first step."""
     from .data import DataError, list_images
-    from .masks import missing_masks
+    from .masks import check_all
 
     try:
-        missing = missing_masks(list_images(Path(folder)))
+        check_all(list_images(Path(folder)))
     except DataError as e:
         raise ConfigError(f"{src}: {e}") from None
-    if missing:
-        names = ", ".join(f.name for f in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ConfigError(f"{src}: 'train.masked_loss' is true but {len(missing)} photo(s) in {folder} have no mask "
-                          f"({names}): save <stem>.mask.png beside each (white = subject, black = background, the "
-                          "photo's size) or give them a transparent background; or set train.masked_loss: false")
 
 
 def _check_text_files(folder: Path) -> None:

@@ -104,6 +104,16 @@ def missing_masks(images: list[Path], *, toy: bool = False) -> list[Path]:
     return [f for f in images if load_mask(f, toy=toy) is None]
 
 
+def check_all(images: list[Path], *, toy: bool = False) -> None:
+    """One DataError naming every photo without a mask (train.masked_loss needs them all)."""
+    missing = missing_masks(images, toy=toy)
+    if missing:
+        names = ", ".join(f.name for f in missing)
+        raise DataError(f"{missing[0].parent}: train.masked_loss is true but {len(missing)} photo(s) have no mask "
+                        f"({names}): save <stem>{MASK_SUFFIX} beside each (white = subject, black = background, the "
+                        "photo's size) or give them a transparent background; or set train.masked_loss: false")
+
+
 def is_toy(p: dict) -> bool:
     """Whether the instance photos are the toy world's renders (the oracle can mask them)."""
     return str(p["data"]["instance_images"]).startswith("toyworld:")
