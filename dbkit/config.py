@@ -49,6 +49,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("fail", "skip"),
     "data.detector": ("none", "opencv", "oracle", "yolo"),
     "data.crop_to": ("none", "face", "upper_body", "body"),
+    "data.matte": ("none", "mask", "rembg"),
 }
 
 # Keys left out of the hash: they name or describe a run without changing what it computes
@@ -490,8 +491,10 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
     inst = params["data"]["instance_images"]
     if not inst.startswith("toyworld:"):
         _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
-        if params["train"]["masked_loss"]:
-            _check_masks(src("train.masked_loss"), inst)
+        if params["train"]["masked_loss"] and params["data"]["matte"] != "rembg":  # rembg makes the masks
+            _check_masks(src("train.masked_loss"), inst, "train.masked_loss is true")
+        if params["data"]["matte"] == "mask":
+            _check_masks(src("data.matte"), inst, "data.matte is mask")
     if params["data"]["class_images"]:
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
@@ -736,31 +739,47 @@ def _check_detector(src: Callable[[str], str], d: dict) -> None:
         if on and d["detector"] == "none":
             raise ConfigError(f"{src('data.' + key)}: 'data.{key}' needs a detector but data.detector is none: set "
                               "data.detector: opencv (or yolo with data.detector_model; oracle on the toy world)")
+    if d["matte_background"]:
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(d["matte_background"])
+        except ValueError:
+            raise ConfigError(f"{src('data.matte_background')}: 'data.matte_background' {d['matte_background']!r} is "
+                              "not a colour: use a name (white, gray) or #rrggbb, or \"\" to keep the photo") from None
     if d["detector"] == "oracle" and not str(d["instance_images"]).startswith("toyworld:"):
         raise ConfigError(f"{src('data.detector')}: 'data.detector' is oracle, which reads only the toy world's "
                           "renders, but data.instance_images is a folder of photos: use opencv or yolo")
 
 
 def _check_detector_files(src: Callable[[str], str], d: dict) -> None:
-    """The YOLO weights file must exist, and ultralytics be installed, before any data work."""
+    """The detector's and matting model's files must exist, and their packages be installed,
+    before any data work."""
     import importlib.util
 
     model = d["detector_model"]
     if (model or d["detector"] == "yolo") and not Path(model).is_file():
         raise ConfigError(f"{src('data.detector_model')}: 'data.detector_model' file {model!r} does not exist "
                           f"(relative to {Path.cwd()}): point it at local YOLO weights (.pt), downloaded elsewhere")
+    matte = d["matte_model"]
+    if (matte or d["matte"] == "rembg") and not Path(matte).is_file():
+        raise ConfigError(f"{src('data.matte_model')}: 'data.matte_model' file {matte!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at a local ONNX matting model (e.g. u2net.onnx)")
+    if d["matte"] == "rembg" and importlib.util.find_spec("rembg") is None:
+        raise ConfigError(f"{src('data.matte')}: 'data.matte' is rembg, which needs the rembg package: "
+                          "`pip install rembg`, or set data.matte: mask (with <stem>.mask.png beside each photo)")
     if d["detector"] == "yolo" and importlib.util.find_spec("ultralytics") is None:
         raise ConfigError(f"{src('data.detector')}: 'data.detector' is yolo, which needs the ultralytics package: "
                           "`pip install ultralytics`, or set data.detector: opencv")
 
 
-def _check_masks(src: str, folder: str) -> None:
-    """train.masked_loss needs a mask for every photo: found here, not at the first step."""
+def _check_masks(src: str, folder: str, why: str) -> None:
+    """Masked loss and `data.matte: mask` need a mask for every photo: found here, not later."""
     from .data import DataError, list_images
     from .masks import check_all
 
     try:
-        check_all(list_images(Path(folder)))
+        check_all(list_images(Path(folder)), why=why)
     except DataError as e:
         raise ConfigError(f"{src}: {e}") from None
 

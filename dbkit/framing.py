@@ -24,8 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from . import detect, masks
-from .data import THUMB, DataError, file_digest, open_rgb
-from .files import atomic_write_bytes
+from .data import THUMB, DataError, file_digest, open_rgb, write_png
 
 CROP_KINDS = ("none", *detect.KINDS)
 FRAMED = "framed"  # subfolder of the run folder holding the cropped photos
@@ -121,10 +120,10 @@ def write_crop(entry: dict, im: Image.Image, box: tuple[int, int, int, int], fol
     """Save the crop (and its mask, if the photo has one) and return the entry pointing at it."""
     src = Path(entry["file"])
     out = folder / (src.name if src.suffix.lower() == ".png" else src.name + ".png")
-    atomic_write_bytes(out, _png(im.crop(box)))
+    write_png(out, im.crop(box))
     mask = masks.load_mask(src, toy=toy)
     if mask is not None:
-        atomic_write_bytes(masks.mask_path(out), _png(mask.crop(box)))
+        write_png(masks.mask_path(out), mask.crop(box))
     elif masks.mask_path(out).exists():
         masks.mask_path(out).unlink()
     w, h = box[2] - box[0], box[3] - box[1]
@@ -132,12 +131,6 @@ def write_crop(entry: dict, im: Image.Image, box: tuple[int, int, int, int], fol
             "sha256": file_digest(out)}
 
 
-def _png(im: Image.Image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 COLOURS = {"face": (255, 60, 60), "upper_body": (255, 200, 0), "body": (60, 160, 255), detect.ANY_KIND: (255, 0, 255)}

@@ -95,7 +95,7 @@ def require_mask(image: Path, *, toy: bool = False, why: str = "train.masked_los
     if mask is None:
         raise DataError(f"{image}: {why} but this photo has no mask: save one as {mask_path(image).name} beside it "
                         "(white = subject, black = background, same size as the photo), or give the photo a "
-                        "transparent background (PNG with alpha); or set train.masked_loss: false")
+                        f"transparent background (PNG with alpha); or change {why.split()[0]}")
     return mask
 
 
@@ -104,14 +104,16 @@ def missing_masks(images: list[Path], *, toy: bool = False) -> list[Path]:
     return [f for f in images if load_mask(f, toy=toy) is None]
 
 
-def check_all(images: list[Path], *, toy: bool = False) -> None:
-    """One DataError naming every photo without a mask (train.masked_loss needs them all)."""
+def check_all(images: list[Path], *, toy: bool = False, why: str = "train.masked_loss is true") -> None:
+    """One DataError naming every photo without a mask (masked loss and `data.matte: mask`
+    need them all); `why` says which setting asks."""
     missing = missing_masks(images, toy=toy)
     if missing:
-        names = ", ".join(f.name for f in missing)
-        raise DataError(f"{missing[0].parent}: train.masked_loss is true but {len(missing)} photo(s) have no mask "
-                        f"({names}): save <stem>{MASK_SUFFIX} beside each (white = subject, black = background, the "
-                        "photo's size) or give them a transparent background; or set train.masked_loss: false")
+        names = ", ".join(f.name for f in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        key = why.split()[0]
+        raise DataError(f"{missing[0].parent}: {why} but {len(missing)} photo(s) have no mask ({names}): save "
+                        f"<stem>{MASK_SUFFIX} beside each (white = subject, black = background, the photo's size) or "
+                        f"give them a transparent background; or change {key}")
 
 
 def is_toy(p: dict) -> bool:

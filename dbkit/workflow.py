@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, framing, masks, metrics, models, paths, runs, sample
+from . import config, data, export, framing, masks, matting, metrics, models, paths, runs, sample
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
@@ -110,6 +110,7 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
     found = data.scan(folder, crop=d, max_images=d["max_images"], on_bad=d["on_bad_image"])
     manifest, dropped = data.filter_by_area(found.manifest, d["min_subject_area"], str(folder))
     manifest, detections = framing.frame_manifest(manifest, d, rd, toy=masks.is_toy(p))
+    manifest = matting.matte_manifest(manifest, d, rd, toy=masks.is_toy(p))
     if p["train"]["masked_loss"]:  # a missing mask stops here, naming every photo, not at the first step
         masks.check_all([Path(r["file"]) for r in manifest], toy=masks.is_toy(p))
     write_jsonl(rd / "manifest.jsonl", manifest)
