@@ -218,3 +218,21 @@ def test_toy_world_masks_come_from_the_oracle_and_cover_the_subject(in_tmp):
         cover = body.reshape(64, 4, 64, 4).mean(axis=(1, 3)) >= 0.5
         iou = (m & cover).sum() / (m | cover).sum()
         assert iou > 0.9, (k, iou)
+
+
+@pytest.mark.parametrize("crop", ["data.center_crop=true", "data.center_crop=false"])
+def test_masked_training_runs_on_the_toy_world(in_tmp, tiny_base, crop):
+    """A few real steps through train.train: cached latents with fixed crops, and random
+    crops taken at each step (masks cropped with them)."""
+    from dbkit import captions, export
+
+    p = config.load("params/base.yaml", [f"base.model={tiny_base}", "data.instance_images=toyworld:eyed_heart",
+                                         "train.masked_loss=true", crop, "data.resolution=48", "prior.enabled=false",
+                                         "train.steps=2", "train.batch_size=2", "train.save_every=0",
+                                         "train.sample_every=0", "experiment=t"]).params
+    folder = data.resolve_folder(p["data"]["instance_images"])
+    recs = captions.build_captions(data.build_manifest(folder), captions.effective_params(p))
+    out = train.train(p, in_tmp / "run", recs, base_path=tiny_base, family="sd15", progress=False)
+    assert (out / export.LORA_FILE).exists()
+    log = [line for line in (in_tmp / "run" / "train_log.jsonl").read_text().splitlines() if line]
+    assert len(log) == 2
