@@ -158,5 +158,5 @@ def draw(path: Path, rec: dict, max_side: int = THUMB) -> Image.Image:
 
 def caption(rec: dict) -> str:
     """The line under a photo on the data page: its name, verdict and crop."""
-    note = f"; {rec['crop_note']}" if rec["crop_note"] else ""
-    return f"{Path(rec['file']).name}: {rec['why']}{note}".replace("≥", ">=")  # the grid's font has no ≥
+    note = f", {rec['crop_note']}" if rec["crop_note"] else ""
+    return f"{Path(rec['file']).name}: {rec['why']}{note}".replace("≥", ">=")  # the grid's font has no ≥ (nor ;)
