@@ -15,12 +15,14 @@ A photo with none of these has no mask; `require_mask` says how to give it one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import DataError, eight_bit
+from .data import DataError, eight_bit, open_rgb, upright_size
 
 MASK_SUFFIX = ".mask.png"
 
@@ -36,40 +38,48 @@ def has_alpha(im: Image.Image) -> bool:
 
 def load_mask(image: Path, *, toy: bool = False) -> Image.Image | None:
     """The photo's subject mask as an 8-bit L image at the upright photo's size, or None."""
+    source = mask_source(image, toy=toy)
+    if source == "file":
+        with _opened(mask_path(image)) as m:
+            return eight_bit(ImageOps.exif_transpose(m)).convert("L")
+    if source == "alpha":
+        with _opened(image) as im:
+            return eight_bit(ImageOps.exif_transpose(im)).convert("RGBA").getchannel("A")
+    return toy_mask(image) if source == "toy" else None
+
+
+def mask_source(image: Path, *, toy: bool = False) -> str | None:
+    """Which source gives the photo's mask: "file", "alpha", "toy" or None, read from the
+    files' headers only (params loading asks this of every photo). A mask file whose size
+    is not the upright photo's is a DataError naming both sizes."""
     user = mask_path(image)
     if user.exists():
-        size = _upright_size(image)
-        try:
-            with Image.open(user) as m:
-                mask = eight_bit(ImageOps.exif_transpose(m)).convert("L")
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{user}: cannot read this mask ({e}); re-save it as a grey PNG (white = subject)") from e
-        if mask.size != size:
-            raise DataError(f"{user}: the mask is {mask.size[0]}×{mask.size[1]} but its photo {image.name} is "
-                            f"{size[0]}×{size[1]} (upright): save the mask at the photo's size")
-        return mask
+        with _opened(user) as m, _opened(image) as im:
+            have, want = upright_size(m), upright_size(im)
+        if have != want:
+            raise DataError(f"{user}: the mask is {have[0]}×{have[1]} but its photo {image.name} is "
+                            f"{want[0]}×{want[1]} (upright): save the mask at the photo's size")
+        return "file"
+    with _opened(image) as im:
+        if has_alpha(im):
+            return "alpha"
+    return "toy" if toy else None
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Image.open whose failure, or a decoding failure while it is open, is a DataError
+    naming the file."""
+    what = "mask" if path.name.lower().endswith(MASK_SUFFIX) else "image"
     try:
-        with Image.open(image) as im:
-            if has_alpha(im):
-                return eight_bit(ImageOps.exif_transpose(im)).convert("RGBA").getchannel("A")
+        with Image.open(path) as im:
+            yield im
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{image}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
-    return toy_mask(image) if toy else None
-
-
-def _upright_size(image: Path) -> tuple[int, int]:
-    from .data import upright_size
-
-    try:
-        with Image.open(image) as im:
-            return upright_size(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{image}: cannot read this image ({e}); re-save it as PNG/JPEG or remove it") from e
+        raise DataError(f"{path}: cannot read this {what} ({e}); re-save it as PNG") from e
 
 
 def toy_mask(image: Path) -> Image.Image:
     """The toy-world oracle's object mask of a rendered photo, at the photo's size."""
-    from .data import open_rgb
     from .toyworld import oracle
 
     im = open_rgb(image)
@@ -101,7 +111,7 @@ def require_mask(image: Path, *, toy: bool = False, why: str = "train.masked_los
 
 def missing_masks(images: list[Path], *, toy: bool = False) -> list[Path]:
     """The photos that have no mask (none of the sources above)."""
-    return [f for f in images if load_mask(f, toy=toy) is None]
+    return [f for f in images if mask_source(f, toy=toy) is None]
 
 
 def check_all(images: list[Path], *, toy: bool = False, why: str = "train.masked_loss is true") -> None:

@@ -460,7 +460,7 @@ def data_markdown(info: dict) -> str:
     return "\n\n".join(parts)
 
 
-def detection_grid(rd: Path, per_row: int = 6):
+def detection_grid(rd: Path, per_row: int = 6) -> list | None:
     """Every instance photo with its detected boxes and crop drawn, captioned kept/dropped and
     why (None when data.detector is none)."""
     from . import report
@@ -469,9 +469,8 @@ def detection_grid(rd: Path, per_row: int = 6):
     if not recs:
         return None
     rows = [recs[k : k + per_row] for k in range(0, len(recs), per_row)]
-    grids = [report.image_grid([("", [framing.draw(Path(r["file"]), r) for r in row])],
-                               [framing.caption(r) for r in row], scale=1) for row in rows]
-    return grids
+    return [report.image_grid([("", [framing.draw(Path(r["file"]), r) for r in row])],
+                              [framing.caption(r) for r in row], scale=1) for row in rows]
 
 
 def _md_text(text: str) -> str:
