@@ -47,7 +47,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "sample.scheduler": ("ddim", "euler", "dpm++"),
     "metrics.backend": ("oracle", "clip"),
     "data.on_bad_image": ("fail", "skip"),
-    "data.detector": ("none", "opencv", "oracle", "yolo"),
+    "data.detector": ("none", "opencv", "oracle", "yolo", "onnx"),
     "data.crop_to": ("none", "face", "upper_body", "body"),
     "data.matte": ("none", "mask", "rembg"),
 }
@@ -758,9 +758,10 @@ def _check_detector_files(src: Callable[[str], str], d: dict) -> None:
     import importlib.util
 
     model = d["detector_model"]
-    if (model or d["detector"] == "yolo") and not Path(model).is_file():
+    if (model or d["detector"] in ("yolo", "onnx")) and not Path(model).is_file():
         raise ConfigError(f"{src('data.detector_model')}: 'data.detector_model' file {model!r} does not exist "
-                          f"(relative to {Path.cwd()}): point it at local YOLO weights (.pt), downloaded elsewhere")
+                          f"(relative to {Path.cwd()}): point it at local YOLO weights (.pt for yolo, a YOLOv8-style "
+                          ".onnx export for onnx), downloaded elsewhere")
     matte = d["matte_model"]
     if (matte or d["matte"] == "rembg") and not Path(matte).is_file():
         raise ConfigError(f"{src('data.matte_model')}: 'data.matte_model' file {matte!r} does not exist "

@@ -12,6 +12,9 @@ square crops) lives in dbkit.framing.
 - `yolo`: an ultralytics YOLO model from a local weights file (`data.detector_model`),
   e.g. a face model (class `face`) or COCO (`person` → body). ultralytics is imported only
   here; missing, it is one error naming the package and the key.
+- `onnx`: a YOLOv8-style ONNX export (`yolo export format=onnx`: input [1, 3, S, S] RGB in
+  0–1, letterboxed; output [1, 4 + classes, N] of centre/size boxes in input pixels and class
+  scores; class names in the model's `names` metadata), run by onnxruntime: no ultralytics.
 
 Boxes are in the upright photo's pixels. Big photos are searched at most MAX_SIDE px long
 (detectors look for objects of tens of pixels; a 12-MP photo would take seconds per cascade).
@@ -26,7 +29,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-BACKENDS = ("none", "opencv", "oracle", "yolo")
+BACKENDS = ("none", "opencv", "oracle", "yolo", "onnx")
 KINDS = ("face", "upper_body", "body")
 ANY_KIND = "subject"  # the oracle's label: the whole subject, standing for every kind
 MAX_SIDE = 640
@@ -93,6 +96,8 @@ def make_detector(d: dict) -> Detector | None:
         return OracleDetector()
     if name == "yolo":
         return YoloDetector(d["detector_model"])
+    if name == "onnx":
+        return OnnxDetector(d["detector_model"])
     raise DetectorError(f"data.detector is {name!r}; allowed values: {', '.join(BACKENDS)}")
 
 
@@ -192,3 +197,63 @@ class YoloDetector:
             if label:
                 out.append(Box(*map(float, xyxy), float(conf), label))
         return out
+
+
+class OnnxDetector:
+    """A YOLOv8-style ONNX detector run by onnxruntime (see the module docstring for the
+    layout): letterbox, one forward pass, confidence threshold, per-class NMS (OpenCV's)."""
+
+    CONF, IOU = 0.25, 0.45
+
+    def __init__(self, model: str) -> None:
+        import ast
+
+        import onnxruntime as ort
+
+        if not model or not Path(model).is_file():
+            raise DetectorError(f"data.detector is onnx but data.detector_model {model!r} is not a file: point it at "
+                                "a local YOLOv8-style .onnx export")
+        self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.side = inp.name, int(inp.shape[-1]) if isinstance(inp.shape[-1], int) else 640
+        names = self.session.get_modelmeta().custom_metadata_map.get("names", "{}")
+        try:
+            self.names = {int(k): str(v) for k, v in ast.literal_eval(names).items()}
+        except (ValueError, SyntaxError) as e:
+            raise DetectorError(f"{model}: its 'names' metadata {names[:80]!r} is not a class dict like "
+                                "{0: 'person'}; export it with ultralytics") from e
+
+    def detect(self, im: Image.Image) -> list[Box]:
+        import cv2
+
+        x, scale, (pad_x, pad_y) = letterbox(im.convert("RGB"), self.side)
+        (out,) = self.session.run(None, {self.input_name: x})[:1]
+        pred = out[0].T  # [N, 4 + classes]
+        cls = pred[:, 4:].argmax(1)
+        conf = pred[np.arange(len(pred)), 4 + cls]
+        keep = conf >= self.CONF
+        pred, cls, conf = pred[keep], cls[keep], conf[keep]
+        cx, cy, w, h = pred[:, 0], pred[:, 1], pred[:, 2], pred[:, 3]
+        xyxy = np.stack([(cx - w / 2 - pad_x) / scale, (cy - h / 2 - pad_y) / scale,
+                         (cx + w / 2 - pad_x) / scale, (cy + h / 2 - pad_y) / scale], 1)
+        out_boxes = []
+        for c in np.unique(cls):
+            idx = np.nonzero(cls == c)[0]
+            rects = [[float(a), float(b), float(e - a), float(f - b)] for a, b, e, f in xyxy[idx]]
+            kept = cv2.dnn.NMSBoxes(rects, conf[idx].astype(float).tolist(), self.CONF, self.IOU)
+            label = YOLO_LABELS.get(self.names.get(int(c), "").lower())
+            if label:
+                out_boxes += [Box(*map(float, xyxy[idx[k]]), float(conf[idx[k]]), label) for k in np.ravel(kept)]
+        return out_boxes
+
+
+def letterbox(im: Image.Image, side: int) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """The image scaled to fit `side`×`side`, centred on grey (114, as YOLO pads), as a
+    [1, 3, side, side] float array in 0–1; with the scale and the (left, top) padding."""
+    scale = min(side / im.width, side / im.height)
+    w, h = round(im.width * scale), round(im.height * scale)
+    canvas = Image.new("RGB", (side, side), (114, 114, 114))
+    left, top = (side - w) // 2, (side - h) // 2
+    canvas.paste(im.resize((w, h), Image.Resampling.BILINEAR), (left, top))
+    x = np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0
+    return x, scale, (left, top)

@@ -306,3 +306,51 @@ def test_matting_params_name_the_key_and_package(in_tmp):
             config.load("params/base.yaml", ["data.matte=rembg", "data.matte_model=u2net.onnx"])
         with pytest.raises(matting.MattingError, match=r"rembg"):
             matting.make_matter({"matte": "rembg", "matte_model": str(in_tmp / "u2net.onnx")})
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _onnx_detector(path: Path, rows: list[list[float]], side: int = 640) -> Path:
+    """A YOLOv8-layout ONNX model whose output is fixed: [1, 4 + 2 classes, N] (cx, cy, w, h,
+    score person, score face), names {0: person, 1: face} in its metadata. The input feeds
+    the output through ×0, so the graph reads it as a real detector would."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = np.array(rows, np.float32).T[None]  # [1, 6, N]
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["images"], ["s"], keepdims=0),
+         helper.make_node("Mul", ["s", "zero"], ["z"]),
+         helper.make_node("Add", ["fixed", "z"], ["output0"])],
+        "det", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(out.shape))],
+        [helper.make_tensor("fixed", TensorProto.FLOAT, out.shape, out.ravel()),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"names": "{0: 'person', 1: 'face'}"})
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_detector_maps_letterboxed_boxes_back_and_keeps_the_best_of_overlaps(tmp_path):
+    pytest.importorskip("onnxruntime")
+    rows = [[320, 320, 64, 64, 0.05, 0.9],   # a face in the middle of the 640² input
+            [322, 318, 60, 66, 0.0, 0.6],    # the same face again, weaker: suppressed
+            [100, 400, 80, 160, 0.7, 0.1],   # a person
+            [500, 300, 40, 40, 0.0, 0.1]]    # below the confidence threshold
+    model = _onnx_detector(tmp_path / "det.onnx", rows)
+    det = detect.make_detector(_d(detector="onnx", detector_model=str(model)))
+    boxes = det.detect(Image.new("RGB", (1000, 500)))
+    # by hand: 1000×500 → ×0.64 = 640×320, padded 160 px above; back = (v − pad) / 0.64
+    face = [b for b in boxes if b.label == "face"]
+    assert len(face) == 1 and face[0].score == pytest.approx(0.9)
+    assert (face[0].x0, face[0].y0, face[0].x1, face[0].y1) == pytest.approx(
+        ((320 - 32) / 0.64, (288 - 160) / 0.64, (352) / 0.64, (352 - 160) / 0.64))
+    (body,) = [b for b in boxes if b.label == "body"]
+    assert (body.x0, body.y0, body.x1, body.y1) == pytest.approx((60 / 0.64, (320 - 160) / 0.64, 140 / 0.64,
+                                                                  (480 - 160) / 0.64))
+    assert len(boxes) == 2
+    with pytest.raises(config.ConfigError, match=r"data\.detector_model.*does not exist"):
+        config.load("params/base.yaml", ["data.detector=onnx", "data.detector_model=none.onnx"])
