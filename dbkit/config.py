@@ -52,6 +52,9 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "metrics.backend": ("oracle", "clip"),
     "data.on_bad_image": ("fail", "skip"),
     "merge.majority_sign": ("total", "frequency"),
+    "data.detector": ("none", "opencv", "oracle", "yolo", "onnx"),
+    "data.crop_to": ("none", "face", "upper_body", "body"),
+    "data.matte": ("none", "mask", "rembg"),
 }
 
 # Lists whose elements are enumerated, and lists whose default is empty but that hold numbers.
@@ -83,6 +86,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.repeats": (1, None, True),
     "data.max_images": (0, None, True),
     "data.min_subject_area": (0, 1, True),
+    "data.min_face_ratio": (0, 1, True),
+    "data.crop_margin": (0, None, True),
     "captions.keep_first": (0, None, True),
     "captions.dropout": (0, 1, True),
     "captions.wd14.general_threshold": (0, 1, True),
@@ -536,12 +541,18 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
                           "empty: point it at a local CLIP folder")
     _check_captions(src, params)
     _check_merge(src, params, check_files)
+    _check_detector(src, params["data"])
     if not check_files:
         return
+    _check_detector_files(src, params["data"])
     _check_machine(src, params["train"])
     inst = params["data"]["instance_images"]
     if not inst.startswith("toyworld:"):
         _check_image_folder(src("data.instance_images"), "data.instance_images", inst)
+        if params["train"]["masked_loss"] and params["data"]["matte"] != "rembg":  # rembg makes the masks
+            _check_masks(src("train.masked_loss"), inst, "train.masked_loss is true")
+        if params["data"]["matte"] == "mask":
+            _check_masks(src("data.matte"), inst, "data.matte is mask")
     if params["data"]["class_images"]:
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
@@ -822,6 +833,58 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
         raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images "
                           f"({' '.join(IMAGE_SUFFIXES)}): {fix}")
     _check_text_files(p)
+
+
+def _check_detector(src: Callable[[str], str], d: dict) -> None:
+    """A face filter or crop needs a detector; the oracle reads only the toy world's renders."""
+    for key, on in (("min_face_ratio", d["min_face_ratio"] > 0), ("crop_to", d["crop_to"] != "none")):
+        if on and d["detector"] == "none":
+            raise ConfigError(f"{src('data.' + key)}: 'data.{key}' needs a detector but data.detector is none: set "
+                              "data.detector: opencv (or yolo with data.detector_model; oracle on the toy world)")
+    if d["matte_background"]:
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(d["matte_background"])
+        except ValueError:
+            raise ConfigError(f"{src('data.matte_background')}: 'data.matte_background' {d['matte_background']!r} is "
+                              "not a colour: use a name (white, gray) or #rrggbb, or \"\" to keep the photo") from None
+    if d["detector"] == "oracle" and not str(d["instance_images"]).startswith("toyworld:"):
+        raise ConfigError(f"{src('data.detector')}: 'data.detector' is oracle, which reads only the toy world's "
+                          "renders, but data.instance_images is a folder of photos: use opencv or yolo")
+
+
+def _check_detector_files(src: Callable[[str], str], d: dict) -> None:
+    """The detector's and matting model's files must exist, and their packages be installed,
+    before any data work."""
+    import importlib.util
+
+    model = d["detector_model"]
+    if (model or d["detector"] in ("yolo", "onnx")) and not Path(model).is_file():
+        raise ConfigError(f"{src('data.detector_model')}: 'data.detector_model' file {model!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at local YOLO weights (.pt for yolo, a YOLOv8-style "
+                          ".onnx export for onnx), downloaded elsewhere")
+    matte = d["matte_model"]
+    if (matte or d["matte"] == "rembg") and not Path(matte).is_file():
+        raise ConfigError(f"{src('data.matte_model')}: 'data.matte_model' file {matte!r} does not exist "
+                          f"(relative to {Path.cwd()}): point it at a local ONNX matting model (e.g. u2net.onnx)")
+    if d["matte"] == "rembg" and importlib.util.find_spec("rembg") is None:
+        raise ConfigError(f"{src('data.matte')}: 'data.matte' is rembg, which needs the rembg package: "
+                          "`pip install rembg`, or set data.matte: mask (with <stem>.mask.png beside each photo)")
+    if d["detector"] == "yolo" and importlib.util.find_spec("ultralytics") is None:
+        raise ConfigError(f"{src('data.detector')}: 'data.detector' is yolo, which needs the ultralytics package: "
+                          "`pip install ultralytics`, or set data.detector: opencv")
+
+
+def _check_masks(src: str, folder: str, why: str) -> None:
+    """Masked loss and `data.matte: mask` need a mask for every photo: found here, not later."""
+    from .data import DataError, list_images
+    from .masks import check_all
+
+    try:
+        check_all(list_images(Path(folder)), why=why)
+    except DataError as e:
+        raise ConfigError(f"{src}: {e}") from None
 
 
 def _check_text_files(folder: Path) -> None:

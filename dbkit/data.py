@@ -487,3 +487,15 @@ def bucket_for(width: int, height: int, resolution: int, step: int = 64) -> tupl
         if err < best_err:
             best, best_err = (w, h), err
     return best
+
+
+def write_png(path: Path, im: Image.Image) -> None:
+    """Save a derived picture (a crop, a matte, a mask) as PNG, atomically (lossless: it is
+    trained on, and masks must keep their values)."""
+    import io
+
+    from .files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -38,15 +38,37 @@ def noise_latents(sched, latents: torch.Tensor, noise: torch.Tensor, gen: torch.
 
 
 def per_sample_loss(sched, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, n: Noised,
-                    objective: str) -> torch.Tensor:
-    """Unweighted (except EDM's λ(σ), which is part of the objective) MSE per sample."""
+                    objective: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Unweighted (except EDM's λ(σ), which is part of the objective) MSE per sample; with
+    `mask` ([B, 1, h, w] at the latents' size, see :func:`latent_mask`) only the subject's
+    positions count (:func:`masked_mean`)."""
     if objective == "edm":
         denoised = sched.precondition_outputs(n.noisy, pred.float(), n.sigma)
         sd = sched.config.sigma_data
         weight = ((n.sigma**2 + sd**2) / (n.sigma * sd) ** 2).flatten()
-        return weight * F.mse_loss(denoised, latents.float(), reduction="none").mean(dim=(1, 2, 3))
+        return weight * masked_mean(F.mse_loss(denoised, latents.float(), reduction="none"), mask)
     target = noise if objective == "epsilon" else sched.get_velocity(latents, noise, n.timesteps)
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), mask)
+
+
+def masked_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of `err` [B, C, h, w] over the positions `mask` [B, 1, h, w] weights
+    (None: every position). Normalised by the mask's area (Σ mask · C), not the frame's:
+    kohya sd-scripts (--masked_loss, apply_masked_loss) multiplies the loss by the mask and
+    then takes the plain mean over all positions, so a subject covering 10% of the frame
+    gets a tenth of the gradient and small subjects barely train. Here every photo counts
+    alike whatever its subject's size, and an all-ones mask gives exactly the unmasked loss.
+    A mask with nothing in it (a random crop that missed the subject) gives 0."""
+    if mask is None:
+        return err.mean(dim=(1, 2, 3))
+    m = mask.to(err.dtype)
+    return (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+
+
+def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks [B, 1, H, W] in [0, 1] at the latents' (h, w): area interpolation, so a
+    latent position weighs the share of its pixels that are subject (kohya does the same)."""
+    return F.interpolate(masks.float(), size=size, mode="area")
 
 
 def snr_weights(sched, t: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:

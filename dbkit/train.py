@@ -21,10 +21,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import captions as cap
 from . import data, diffusion
+from . import masks as mk
 from .captions import effective_params, pivotal_tokens
 from .files import atomic_write_json, atomic_write_text
 
@@ -208,30 +210,50 @@ class Example:
     # from the resized photo; see size_ids
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
+    # train.masked_loss: the subject's weight per pixel [1, H, W] in [0, 1], cropped, resized
+    # and flipped with `pixels`; None = every pixel counts (class images, masked_loss off)
+    mask: torch.Tensor | None = None
 
 
-def load_examples(records: list[dict], p: dict) -> list[Example]:
+def load_examples(records: list[dict], p: dict, *, masks: bool = False) -> list[Example]:
     """Images at training size. Square crops by default; with random crops (data.center_crop
     false) the short side is scaled to the resolution and the crop is taken at each step;
-    with data.buckets each image keeps its aspect ratio in the nearest bucket."""
+    with data.buckets each image keeps its aspect ratio in the nearest bucket. `masks`: each
+    image's subject mask (dbkit.masks; a missing one is a DataError naming the photo) goes
+    through the same resize, crop and flip as its pixels, by the same code."""
     d = p["data"]
     res = d["resolution"]
     out = []
     for r in records:
         im = data.open_rgb(Path(r["file"]))
+        mask = mk.require_mask(Path(r["file"]), toy=mk.is_toy(p)) if masks else None
         bucket = data.bucket_for(*im.size, res, step=64 if res >= 256 else 8) if d["buckets"] else None
         size = bucket or (res, res)
-        scaled = data.scale_to_cover(im, size)
         crop_now = bucket is not None or d["center_crop"]  # else `random_crop` takes it at each step
-        left, top = data.center_offset(scaled.size, size) if crop_now else (0, 0)
-        pixels = scaled.crop((left, top, left + size[0], top + size[1])) if crop_now else scaled
+        pixels, left, top, width = fit_picture(im, size, crop_now)
         ex = Example(data.to_tensor(pixels), r, bucket=bucket, original_size=(im.height, im.width),
-                     crop_top_left=(top, left))
+                     crop_top_left=(top, left),
+                     mask=None if mask is None else mask_tensor(fit_picture(mask, size, crop_now)[0]))
         out.append(ex)
         if d["flip"]:  # in the mirrored photo the crop starts where the original's ended
-            mirrored = (top, scaled.width - left - pixels.width)
-            out.append(dataclasses.replace(ex, pixels=torch.flip(ex.pixels, dims=[2]), crop_top_left=mirrored))
+            mirrored = (top, width - left - pixels.width)
+            out.append(dataclasses.replace(ex, pixels=torch.flip(ex.pixels, dims=[2]), crop_top_left=mirrored,
+                                           mask=None if ex.mask is None else torch.flip(ex.mask, dims=[2])))
     return out * d["repeats"]
+
+
+def fit_picture(picture, size: tuple[int, int], crop_now: bool):
+    """A photo (or its mask: the same code, so the same pixels) scaled to cover `size` and,
+    when `crop_now`, centre-cropped to it. Returns (picture, left, top, scaled width)."""
+    scaled = data.scale_to_cover(picture, size)
+    left, top = data.center_offset(scaled.size, size) if crop_now else (0, 0)
+    kept = scaled.crop((left, top, left + size[0], top + size[1])) if crop_now else scaled
+    return kept, left, top, scaled.width
+
+
+def mask_tensor(mask) -> torch.Tensor:
+    """An L-mode mask image → [1, H, W] float weights in [0, 1] (white = 1)."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
 def batch_indices(examples: list[Example], step: int, batch: int, seed: int, salt: int) -> list[int]:
@@ -247,7 +269,10 @@ def batch_indices(examples: list[Example], step: int, batch: int, seed: int, sal
 
 
 def fit_to(ex: Example, bucket: tuple[int, int] | None) -> Example:
-    """A class image reshaped to the instance batch's bucket (encoded at the step, uncached)."""
+    """A class image reshaped to the instance batch's bucket (encoded at the step, uncached).
+    Class images have no mask (prior preservation keeps the whole picture), so none is carried."""
+    if ex.mask is not None:
+        raise TrainingError(f"{ex.record.get('file')}: fit_to reshapes class images, which have no mask")
     if bucket is None or tuple(ex.pixels.shape[1:][::-1]) == bucket:
         return ex
     im = data.to_image(ex.pixels)
@@ -272,7 +297,9 @@ def random_crop(ex: Example, res: int, gen: torch.Generator) -> Example:
     y = int(torch.randint(0, h - res + 1, (1,), generator=gen))
     x = int(torch.randint(0, w - res + 1, (1,), generator=gen))
     top, left = ex.crop_top_left
-    return dataclasses.replace(ex, pixels=ex.pixels[:, y : y + res, x : x + res], crop_top_left=(top + y, left + x))
+    mask = None if ex.mask is None else ex.mask[:, y : y + res, x : x + res]  # the same window
+    return dataclasses.replace(ex, pixels=ex.pixels[:, y : y + res, x : x + res], crop_top_left=(top + y, left + x),
+                               mask=mask)
 
 
 @torch.no_grad()
@@ -568,7 +595,7 @@ def load_training_examples(p: dict, vae, caption_records: list[dict],
                            class_dir: Path | None) -> tuple[list[Example], list[Example], str]:
     """Instance examples, class (prior) examples and the class prompt, latents cached where
     the pixels are the same at every step."""
-    instance = load_examples(caption_records, p)
+    instance = load_examples(caption_records, p, masks=p["train"]["masked_loss"])
     per_image = p["prior"]["class_prompt"] == cap.CAPTION_CLASS_PROMPT
     prior_prompt = "" if per_image else cap.expand(p["prior"]["class_prompt"], p)
     klass: list[Example] = []
@@ -733,9 +760,18 @@ def batch_loss(tr: Trainer, batch: list[Example], prompts: list[str], n_instance
         ehs, added = encode_text(parts, prompts, None if text_grad else tr.memo, res, examples=batch)
     with tr.accel.autocast():
         pred = tr.unet(noised.model_input, noised.timesteps, ehs, added_cond_kwargs=added).sample
-    per = diffusion.per_sample_loss(sched, pred, latents, noise, noised, parts.objective)
+    mask = batch_mask(batch, latents.shape[-2:]) if t["masked_loss"] else None
+    per = diffusion.per_sample_loss(sched, pred, latents, noise, noised, parts.objective,
+                                    None if mask is None else mask.to(dev))
     w = diffusion.snr_weights(sched, noised.timesteps.cpu(), t["min_snr_gamma"], parts.objective)
     return diffusion.dreambooth_loss(per, w, n_instance, p["prior"]["weight"])
+
+
+def batch_mask(batch: list[Example], size: tuple[int, int]) -> torch.Tensor:
+    """The step's masks at the latents' (h, w); an example without one (a class image:
+    the prior loss stays unmasked) counts everywhere."""
+    pixel = [e.mask if e.mask is not None else torch.ones(1, *e.pixels.shape[1:]) for e in batch]
+    return diffusion.latent_mask(torch.stack(pixel), tuple(size))
 
 
 def update(tr: Trainer) -> None:

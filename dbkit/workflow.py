@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, metrics, models, paths, runs, sample
+from . import config, data, export, framing, masks, matting, metrics, models, paths, runs, sample
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
@@ -123,6 +123,10 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
     folder = data.resolve_folder(d["instance_images"])
     found = data.scan(folder, crop=d, max_images=d["max_images"], on_bad=d["on_bad_image"])
     manifest, dropped = data.filter_by_area(found.manifest, d["min_subject_area"], str(folder))
+    manifest, detections = framing.frame_manifest(manifest, d, rd, toy=masks.is_toy(p))
+    manifest = matting.matte_manifest(manifest, d, rd, toy=masks.is_toy(p))
+    if p["train"]["masked_loss"]:  # a missing mask stops here, naming every photo, not at the first step
+        masks.check_all([Path(r["file"]) for r in manifest], toy=masks.is_toy(p))
     write_jsonl(rd / "manifest.jsonl", manifest)
     if p["metrics"]["backend"] == "clip":  # a missing CLIP/DINO folder fails here, not after training
         from . import metric_backends
@@ -131,7 +135,8 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
     # warnings and skipped files go to data.json: the 01_data page lists them (data_markdown)
     info = {"instance_dir": str(folder), "n_instance": len(manifest), "class_dir": None, "n_class": 0,
             "class_source": None, "dropped_small_subject": [r["file"] for r in dropped],
-            "skipped_bad_images": found.skipped, "warnings": found.warnings}
+            "skipped_bad_images": found.skipped, "warnings": found.warnings,
+            "dropped_small_face": [r["file"] for r in detections if not r["kept"]], "detections": detections}
     if p["prior"]["enabled"]:
         if d["class_images"]:
             class_dir = Path(d["class_images"])
@@ -522,7 +527,24 @@ def data_markdown(info: dict) -> str:
     if info.get("dropped_small_subject"):
         parts.append("**Dropped: subject smaller than `data.min_subject_area`**\n\n" + "\n".join(
             f"- `{Path(f).name}`" for f in info["dropped_small_subject"]))
+    if info.get("detections"):
+        parts.append("**Detections** (`data.detector`; face ratio = largest face box / frame, against "
+                     "`data.min_face_ratio`; crop per `data.crop_to`)\n\n" + "\n".join(
+                         f"- {_md_text(framing.caption(r))}" for r in info["detections"]))
     return "\n\n".join(parts)
+
+
+def detection_grid(rd: Path, per_row: int = 6) -> list | None:
+    """Every instance photo with its detected boxes and crop drawn, captioned kept/dropped and
+    why (None when data.detector is none)."""
+    from . import report
+
+    recs = (read_json(rd / "data.json") or {}).get("detections") or []
+    if not recs:
+        return None
+    rows = [recs[k : k + per_row] for k in range(0, len(recs), per_row)]
+    return [report.image_grid([("", [framing.draw(Path(r["file"]), r) for r in row])],
+                              [framing.caption(r) for r in row], scale=1) for row in rows]
 
 
 def _md_text(text: str) -> str:
