@@ -59,6 +59,14 @@ def mean_signature(images: list[Image.Image], subject: Subject) -> float:
     return float(np.mean([oracle.signature_score(im, subject) for im in images])) if images else 0.0
 
 
+def background_leak(images: list[Image.Image], subject: Subject) -> float:
+    """Share of bare-prompt images ("a sks heart") drawn on one of the backgrounds the
+    subject's own photos were taken on: a model that learned the photos, not only the subject,
+    repeats their backgrounds. Compare with the base (the backgrounds it draws unprompted)."""
+    seen = {bg for bg, _, _ in subject.photos}
+    return float(np.mean([oracle.read(im).background in seen for im in images])) if images else 0.0
+
+
 def prompt_fidelity(images: list[Image.Image], wants: list[dict]) -> float:
     """Share of requested attributes realised, over all images."""
     hits, total = 0, 0
@@ -93,6 +101,7 @@ def evaluate(generate, subject: Subject, subject_phrase: str, class_noun: str, *
         "pres": signature_rate(klass, subject),
         "div": diversity(klass),
         "div_subject": diversity(plain),
+        "background_leak": background_leak(plain, subject),
         "backend": BACKEND,
         "n_images": len(ctx) + len(plain) + len(klass),
     }
@@ -165,6 +174,7 @@ METRIC_INFO = {
     "pres": "share of class-noun images showing the subject: language drift (0–1, lower better)",
     "div": "mean pairwise pixel distance of class-noun images (0–1, higher better)",
     "div_subject": "mean pairwise pixel distance of subject images (0–1)",
+    "background_leak": "share of bare subject-prompt images on a background of its photos (0–1, lower = less leak)",
     "style_rate": "share of style-trigger prompts showing the style (0–1, higher better)",
     "style_score": "mean share of the style's region painted in its colour (0–1)",
     "style_drift": "share of prompts without the style trigger showing the style (0–1, lower better)",

@@ -74,3 +74,11 @@ def test_evaluate_on_a_perfect_and_a_useless_model():
     blank = np.full((64, 64, 3), 128, np.uint8)
     useless = metrics.evaluate(lambda p, s: [blank] * (len(p) * len(s)), DUO, "sks star", "star", seeds=[0, 1])
     assert useless["subject_fidelity"] == 0.0 and useless["div"] == 0.0
+
+
+def test_background_leak_counts_the_backgrounds_of_the_subjects_own_photos():
+    own = {bg for bg, _, _ in DUO.photos}
+    other = next(b for b in scenes.BACKGROUNDS if b not in own)
+    images = [_photo(bg) for bg in sorted(own)] + [_photo(other)]
+    assert metrics.background_leak(images, DUO) == len(own) / (len(own) + 1)
+    assert metrics.background_leak([_scene(bg=other)], DUO) == 0.0
