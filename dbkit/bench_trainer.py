@@ -106,6 +106,7 @@ def _timed(cmd: list[str], env: dict, log: Path) -> float:
 
 def run_dbkit(work: Path, photos: Path, steps: int, batch: int, rank: int, res: int, skip: int) -> tuple[float, float]:
     """(steady steps/s, wall seconds) of `dbkit train` in a fresh project root (nothing reused)."""
+    (work / "root").mkdir()
     env = dict(os.environ, DBKIT_ROOT=str(work / "root"))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     wall = _timed(dbkit_command(photos, steps, batch, rank, res), env, work / "dbkit.log")
