@@ -75,9 +75,9 @@ def instance_folder(photos: Path, out: Path, batch: int) -> Path:
     return out
 
 
-def dbkit_command(photos: Path, steps: int, batch: int, rank: int, res: int) -> list[str]:
+def dbkit_command(photos: Path, steps: int, batch: int, rank: int, res: int, noun: str = "heart") -> list[str]:
     params = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
-    ov = ["experiment=bench-trainer", f"data.instance_images={photos.resolve()}", "captions.class_noun=heart",
+    ov = ["experiment=bench-trainer", f"data.instance_images={photos.resolve()}", f"captions.class_noun={noun}",
           "prior.enabled=false", "train.text_encoder=false", f"train.lora.unet_targets=[{','.join(TARGETS)}]",
           f"train.steps={steps}", f"train.batch_size={batch}", f"train.lora.rank={rank}", f"data.resolution={res}",
           "train.sample_every=0", "train.save_every=0", "train.mixed_precision=no", "train.cache_latents=true"]
@@ -85,9 +85,10 @@ def dbkit_command(photos: Path, steps: int, batch: int, rank: int, res: int) -> 
 
 
 def script_command(script: Path, base: Path, folder: Path, out: Path, steps: int, batch: int, rank: int,
-                   res: int, lr: float) -> list[str]:
+                   res: int, lr: float, noun: str = "heart") -> list[str]:
+    """The script's own defaults otherwise: the instance prompt is dbkit's fixed caption."""
     return [sys.executable, str(script), f"--pretrained_model_name_or_path={base}", f"--instance_data_dir={folder}",
-            "--instance_prompt=a sks heart", f"--output_dir={out}", f"--resolution={res}",
+            f"--instance_prompt=a sks {noun}", f"--output_dir={out}", f"--resolution={res}",
             f"--train_batch_size={batch}", f"--rank={rank}", f"--max_train_steps={steps}",
             f"--checkpointing_steps={10 * steps}", f"--learning_rate={lr}", "--seed=0", "--mixed_precision=no"]
 
@@ -104,17 +105,18 @@ def _timed(cmd: list[str], env: dict, log: Path) -> float:
     return time.time() - t0
 
 
-def run_dbkit(work: Path, photos: Path, steps: int, batch: int, rank: int, res: int, skip: int) -> tuple[float, float]:
+def run_dbkit(work: Path, photos: Path, steps: int, batch: int, rank: int, res: int, skip: int,
+              noun: str) -> tuple[float, float]:
     """(steady steps/s, wall seconds) of `dbkit train` in a fresh project root (nothing reused)."""
     (work / "root").mkdir()
     env = dict(os.environ, DBKIT_ROOT=str(work / "root"))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    wall = _timed(dbkit_command(photos, steps, batch, rank, res), env, work / "dbkit.log")
+    wall = _timed(dbkit_command(photos, steps, batch, rank, res, noun), env, work / "dbkit.log")
     return steady_rate(log_points(next((work / "root" / "runs").rglob("train_log.jsonl"))), skip), wall
 
 
 def run_script(work: Path, script: Path, shim: Path | None, photos: Path, steps: int, batch: int, rank: int,
-               res: int, skip: int, lr: float) -> tuple[float, float]:
+               res: int, skip: int, lr: float, noun: str) -> tuple[float, float]:
     """(steady steps/s, wall seconds) of diffusers' script, its bar printing every step."""
     from .models import resolve
 
@@ -124,7 +126,7 @@ def run_script(work: Path, script: Path, shim: Path | None, photos: Path, steps:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(shim).resolve()), env.get("PYTHONPATH", "")])
     folder = instance_folder(photos, work / "instance", batch)
     cmd = script_command(Path(script).resolve(), resolve("toyworld"), folder, work / "script_out", steps, batch,
-                         rank, res, lr)
+                         rank, res, lr, noun)
     wall = _timed(cmd, env, work / "script.log")
     return steady_rate(tqdm_points((work / "script.log").read_text(errors="replace")), skip), wall
 
@@ -134,11 +136,13 @@ def bench_trainer(script: Path, shim: Path | None = None, *, subject: str = "eye
     """Both trainers once each, at equal work: steps/s (steady state), wall seconds, ratio.
     A failed trainer's log is kept (the error names it)."""
     from . import data
+    from .toyworld import subjects
 
+    noun = subjects.get(subject).class_noun
     photos = data.resolve_folder(f"toyworld:{subject}")
     work = Path(tempfile.mkdtemp(prefix="dbkit-bench-trainer-"))
-    d_rate, d_wall = run_dbkit(work, photos, steps, batch, rank, res, skip)
-    s_rate, s_wall = run_script(work, script, shim, photos, steps, batch, rank, res, skip, lr)
+    d_rate, d_wall = run_dbkit(work, photos, steps, batch, rank, res, skip, noun)
+    s_rate, s_wall = run_script(work, script, shim, photos, steps, batch, rank, res, skip, lr, noun)
     shutil.rmtree(work, ignore_errors=True)
     return {"steps": steps, "batch": batch, "rank": rank, "resolution": res, "steady_from_step": skip,
             "dbkit_steps_per_s": round(d_rate, 2), "diffusers_steps_per_s": round(s_rate, 2),
