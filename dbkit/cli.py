@@ -163,8 +163,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_base(args.model, n=args.n, card=args.card)
     elif args.what == "load":
         result = bench.bench_load(args.model)
+    elif args.what == "trainer":
+        from . import bench_trainer
+
+        if not args.diffusers_script:
+            print(bench_trainer.script_help())
+            return 2
+        result = bench_trainer.bench_trainer(Path(args.diffusers_script), args.torchvision_shim or None,
+                                             subject=args.subject, steps=args.steps or 200)
     else:
-        result = bench.bench_dreambooth(args.subject, steps=args.steps, overrides=args.p)
+        result = bench.bench_dreambooth(args.subject, steps=args.steps or 1500, overrides=args.p)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -271,13 +279,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="params override")
     p.set_defaults(func=_cmd_train)
 
-    p = add("bench", help="measure: base accuracy, load time, DreamBooth signature rate")
-    p.add_argument("what", choices=("base", "load", "dreambooth"))
+    p = add("bench", help="measure: base accuracy, load time, DreamBooth signature rate, trainer speed")
+    p.add_argument("what", choices=("base", "load", "dreambooth", "trainer"))
     p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")
     p.add_argument("--n", type=int, default=100, help="base: number of held-out captions")
     p.add_argument("--card", action="store_true", help="base: write the figures into the model's README.md")
     p.add_argument("--subject", default="eyed_heart", help="dreambooth: toy-world subject")
-    p.add_argument("--steps", type=int, default=1500, help="dreambooth: training steps")
+    p.add_argument("--steps", type=int, default=0, help="dreambooth: training steps (default 1500); trainer: "
+                   "steps of each trainer (default 200)")
+    p.add_argument("--diffusers-script", default="", help="trainer: path to diffusers' "
+                   "examples/dreambooth/train_dreambooth_lora.py (without it: how to get it)")
+    p.add_argument("--torchvision-shim", default="", help="trainer: folder put first on the script's PYTHONPATH "
+                   "holding a stand-in `torchvision` package, where no torchvision build is installed")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
     p.set_defaults(func=_cmd_bench)
     return parser
