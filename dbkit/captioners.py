@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from . import model_folders as mf
-from .config import CAPTION_MODEL_SECTIONS as SECTIONS
 from .data import file_digest, open_rgb
 from .files import atomic_write_json, read_json
-from .runs import cache_path
+from .hashing import cache_path
+from .model_folders import CAPTION_MODEL_SECTIONS as SECTIONS
 
 # WD14 categories in selected_tags.csv
 RATING, GENERAL, CHARACTER = 9, 0, 4

@@ -19,8 +19,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .config import CAPTION_MODEL_SECTIONS
 from .data import DataError
+from .model_folders import CAPTION_MODEL_SECTIONS
 
 
 def pivotal_tokens(p: dict) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import re
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 
 from . import model_folders
+from .hashing import canonical_json, stable_hash  # noqa: F401  (config.stable_hash is public)
 
 BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
 
@@ -149,24 +149,6 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- hashing
 
 
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal data always gives equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"cannot hash a {type(obj).__name__}: {obj!r}")
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 hex digest of :func:`canonical_json` of ``obj``."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
-
 def params_hash(params: dict) -> str:
     """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`, plus
     the base model's fingerprint (retrained weights in the same folder make a new run) and
@@ -186,10 +168,7 @@ def params_hash(params: dict) -> str:
     return stable_hash(ident)
 
 
-# the caption sources backed by local models, and the params sections (backends) each one runs
-CAPTION_MODEL_SECTIONS: dict[str, tuple[str, ...]] = {
-    "wd14": (model_folders.WD14,), "transformers": (model_folders.TRANSFORMERS,),
-    "merge": (model_folders.WD14, model_folders.TRANSFORMERS)}
+CAPTION_MODEL_SECTIONS = model_folders.CAPTION_MODEL_SECTIONS
 
 
 def caption_models(params: dict) -> dict[str, str]:

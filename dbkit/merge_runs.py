@@ -244,3 +244,16 @@ def ablation_rows(result: dict, rd: Path) -> tuple[list[dict], list[dict]]:
         atomic_write_bytes(rd / "ablation" / f"merge_{name}", (folder / name).read_bytes())
         grids.append({"prompt": title, "file": f"ablation/merge_{name}"})
     return rows, grids
+
+
+def extend_ablation(exp: config.Experiment, rd: Path, result: dict, *, progress: bool = True) -> dict:
+    """04_ablations' second half: when the params ask for merges, run them and add their rows
+    and pictures to the ablation table (ablation.json, which the report reads)."""
+    p = exp.params
+    if not (p["merge"]["methods"] or p["merge"]["weight_grid"]):
+        return result
+    merged = run_merges(exp, rd, progress=progress)
+    more_rows, more_grids = ablation_rows(merged, rd)
+    result = result | {"rows": result["rows"] + more_rows, "grids": result["grids"] + more_grids, "merge": merged}
+    atomic_write_json(rd / "ablation.json", result)
+    return result

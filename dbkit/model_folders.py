@@ -15,6 +15,9 @@ from pathlib import Path
 
 # params section of each caption backend (its model key is `captions.<section>.model`)
 WD14, TRANSFORMERS = "wd14", "transformers"
+# the caption sources backed by local models, and the params sections (backends) each one runs
+CAPTION_MODEL_SECTIONS: dict[str, tuple[str, ...]] = {
+    "wd14": (WD14,), "transformers": (TRANSFORMERS,), "merge": (WD14, TRANSFORMERS)}
 
 # The models the research notes use, as examples in messages and in the README.
 DOWNLOAD = {

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -30,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from .config import Experiment, stable_hash
+from .config import Experiment
 from .files import atomic_write_json, atomic_write_text, read_json
+from .hashing import cache_path, stable_hash  # noqa: F401  (runs.cache_path is public)
 
 RUNS_ROOT = Path("runs")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -345,13 +345,3 @@ def record_timing(run_dir: Path, stage: str, seconds: float) -> None:
 # ----------------------------------------------------------------------------- caches
 
 
-def cache_path(kind: str, key: dict, root: Path | None = None) -> Path:
-    """``<root>/<kind>/<sha256(key)[:16]>``: the same inputs always give the same path (not created).
-
-    ``root`` defaults to ``$DBKIT_CACHE`` or ``.cache/dbkit``; ``key`` must hold everything the
-    cached thing depends on (model hash, prompt, seed, …).
-    """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", kind):
-        raise ValueError(f"cache kind {kind!r} must be a simple folder name")
-    base = Path(os.environ.get("DBKIT_CACHE", ".cache/dbkit")) if root is None else Path(root)
-    return base / kind / stable_hash(key)[:16]

@@ -413,12 +413,6 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
         atomic_write_bytes(rd / "ablation" / name, sample.png_bytes(grid))
         grids.append({"prompt": prompt, "file": f"ablation/{name}"})
     result = {"vary": p["ablation"]["vary"], "variants": p["ablation"]["variants"], "rows": rows, "grids": grids}
-    if p["merge"]["methods"] or p["merge"]["weight_grid"]:
-        from . import merge_runs
-
-        merged = merge_runs.run_merges(exp, rd, progress=progress)
-        more_rows, more_grids = merge_runs.ablation_rows(merged, rd)
-        result |= {"rows": rows + more_rows, "grids": grids + more_grids, "merge": merged}
     atomic_write_json(rd / "ablation.json", result)
     return result
 

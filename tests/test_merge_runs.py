@@ -24,7 +24,8 @@ def test_merge_rows_files_and_identity(in_tmp: Path) -> None:
                                                   "merge.ziplora_steps=2"])
     rd = runs.run_dir(exp)
     workflow.train_variant(exp, progress=False)  # the main run, as 01–03 would make it
-    result = workflow.run_ablations(exp, rd, progress=False)
+    result = merge_runs.extend_ablation(exp, rd, workflow.run_ablations(exp, rd, progress=False), progress=False)
+    assert json.loads((rd / "ablation.json").read_text())["rows"] == result["rows"]  # what the report reads
     labels = [r["label"] for r in result["rows"]]
     assert labels[:2] == ["base", f"{exp.name} (this run)"]
     assert labels[2] == "tiny-style (its own prompts)" and "style_rate" in result["rows"][2]["metrics"]
