@@ -205,7 +205,6 @@ def run_merges(exp: config.Experiment, rd: Path, *, progress: bool = True) -> di
     merged = build_merges(p, sources, folder)
     pair = pair_of(sources)
     rows, images = [], []
-    q = cap.effective_params(p)
     if pair is not None:
         prompt = f"a {pair[1]} on a gray background, {pair[3]}"
         for label, pipe in _pipelines(p, sources, merged):
@@ -218,7 +217,7 @@ def run_merges(exp: config.Experiment, rd: Path, *, progress: bool = True) -> di
            if s.run_dir is not None and s.run_dir != rd]  # this run is a row of the table already
     result = {"sources": [{"label": s.label, "lora": str(_lora_file(s))} for s in sources], "own": own,
               "methods": {k: str(v) for k, v in merged.items()}, "rows": rows, "folder": str(folder),
-              "grid": "merge_grid.png" if pair else None, "prompt_params": q["captions"]["identifier"],
+              "grid": "merge_grid.png" if pair else None,
               "weight_grid": weight_grid(p, sources, pair, folder) if pair and p["merge"]["weight_grid"] else None,
               "seconds": round(time.time() - t0, 1)}
     atomic_write_json(folder / "merges.json", result)

@@ -54,6 +54,12 @@ def _write(folder, base, r, alpha, seed, unet_targets=UNET_TARGETS):
     return folder
 
 
+def _meta(method: str, rank: int) -> dict:
+    """The training metadata export.write_lora records (kohya's ss_* header needs these keys)."""
+    return {"method": method, "family": "sd2", "rank": rank, "alpha": rank, "steps": 0, "resolution": 64, "lr": 0,
+            "text_encoder_lr": 0, "tag_frequency": {}, "num_images": 0, "seed": 0, "subject": "", "class_noun": ""}
+
+
 def _hand_sum(base, files, weights):
     """Base weights plus Σ wᵢ·(alphaᵢ/rᵢ)·Bᵢ·Aᵢ, written into copies of the modules by hand."""
     from safetensors import safe_open
@@ -130,10 +136,7 @@ def test_exact_merges_reload_as_the_hand_sum(base, two_files, method, tmp_path):
     loras = [merge.read_lora(f) for f in two_files]
     svd_rank = 8 if method == "svd" else 0  # full rank: the sum of two rank-4 updates
     merged = merge.merge(loras, [0.7, 1.3], method, svd_rank=svd_rank)
-    export.write_lora(tmp_path, merged.state_dicts, {"method": f"merge-{method}", "family": "sd2", "rank": merged.rank,
-                                                     "alpha": merged.rank, "steps": 0, "resolution": 64, "lr": 0,
-                                                     "text_encoder_lr": 0, "tag_frequency": {}, "num_images": 0,
-                                                     "seed": 0, "subject": "", "class_noun": ""})
+    export.write_lora(tmp_path, merged.state_dicts, _meta(f"merge-{method}", merged.rank))
     for file in (export.LORA_FILE, export.KOHYA_FILE):  # both layouts, through diffusers' public loader
         pipe = models.load_pipeline(base_model_path(), "sd2")
         pipe.load_lora_weights(str(tmp_path), weight_name=file)
@@ -213,10 +216,7 @@ def test_ziplora_starts_at_the_sum_and_its_file_reproduces_it(base, two_files, t
     assert len(log) == 3 and any((m.detach() != 1).any() for m in zm.parameters())
     zipped = _outputs(parts.unet, parts.text_encoders[0], parts.tokenizers[0])
     merged = merge.merge(ziplora.merged_loras(zm, loras), [1.0, 1.0], "cat")
-    export.write_lora(tmp_path, merged.state_dicts, {"method": "merge-ziplora", "family": "sd2", "rank": merged.rank,
-                                                     "alpha": merged.rank, "steps": 0, "resolution": 64, "lr": 0,
-                                                     "text_encoder_lr": 0, "tag_frequency": {}, "num_images": 0,
-                                                     "seed": 0, "subject": "", "class_noun": ""})
+    export.write_lora(tmp_path, merged.state_dicts, _meta("merge-ziplora", merged.rank))
     pipe = models.load_pipeline(base_model_path(), "sd2")
     pipe.load_lora_weights(str(tmp_path), weight_name=export.LORA_FILE)
     _close(_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), zipped)
