@@ -51,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from . import compare
 
-    a, b = compare.run_folder(args.a), compare.run_folder(args.b)
+    a, b = compare.side(args.a), compare.side(args.b)
     diff = compare.differences(a, b)
     print(compare.as_text(a, b, diff))
     if args.html:
@@ -248,8 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = add("compare", help="what differs between two runs: params, metrics, grids side by side")
-    p.add_argument("a", help="a run folder (runs/<experiment>/<hash>) or a params file")
-    p.add_argument("b", help="the other run folder or params file")
+    p.add_argument("a", help="a run folder (runs/<experiment>/<hash>), a params file, or a committed report row "
+                             "(reports/<experiment>[/<hash12>][#label]; no #label: the report's own run)")
+    p.add_argument("b", help="the other run folder, params file or report row")
     p.add_argument("--html", default="", help="also write a self-contained page with both runs' grids side by side")
     p.set_defaults(func=_cmd_compare)
 
