@@ -68,6 +68,10 @@ _LIST_ELEMENTS: dict[str, type] = {"merge.weights": float, "merge.weight_grid": 
 # (an ablation's variants are hashed one by one, each with its own overridden value; merges
 # are cached by their own inputs; report.* only changes how the report reads the run).
 HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge", "report")
+# Single keys left out of the hash, inside hashed sections: train.reuse_identical chooses
+# whether a finished identical run is copied or retrained, not what the model is, and adding
+# it to base.yaml must not rename every existing run folder.
+HASH_EXCLUDE_KEYS = ("train.reuse_identical",)
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -157,6 +161,10 @@ def params_hash(params: dict) -> str:
     from .models import fingerprint
 
     ident = {k: v for k, v in params.items() if k not in HASH_EXCLUDE}
+    for dotted in HASH_EXCLUDE_KEYS:
+        section, _, key = dotted.partition(".")
+        if isinstance(ident.get(section), dict):
+            ident[section] = {k: v for k, v in ident[section].items() if k != key}
     model = params.get("base", {}).get("model")
     if isinstance(model, str):
         ident["base_fingerprint"] = fingerprint(model)

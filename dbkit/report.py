@@ -534,6 +534,8 @@ def provenance_markdown(summary: Mapping[str, Any]) -> str:
         {"": "training code", "value": _code(train)},
         {"": "training started", "value": (train.get("earlier") or [train])[0].get("timestamp")},
         {"": "resumed from", "value": train.get("resumed_from")},
+        # a finished identical run copied, not retrained here (dbkit.reuse): the rows above are its
+        {"": "training reused from", "value": f"`{train['reused_from']}`" if train.get("reused_from") else None},
         {"": "training finished", "value": train.get("finished")},
         {"": "report code", "value": _code(own)},
         {"": "report made", "value": own.get("timestamp")},

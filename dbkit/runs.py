@@ -177,6 +177,7 @@ def clean_leftovers(folder: Path) -> list[Path]:
     a checkpoint being saved); only called with the run lock held, so nobody is writing them."""
     gone = [p for p in folder.rglob(".*.tmp") if p.is_file()]
     gone += [p for p in (folder / "checkpoints").glob(".tmp-*") if p.is_dir()]
+    gone += [p for p in folder.glob(".*.tmp") if p.is_dir()]  # a folder being copied in (dbkit.reuse)
     for p in gone:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -313,6 +314,13 @@ def update_provenance(run_dir: Path, stage: str, **fields: Any) -> None:
     if stage in info["stages"]:
         info["stages"][stage].update(fields)
         atomic_write_json(Path(run_dir) / "provenance.json", info)
+
+
+def put_provenance(run_dir: Path, stage: str, record: dict) -> None:
+    """Set ``stage``'s record as given (one copied from another run), keeping the other stages."""
+    info = read_provenance(run_dir)
+    info["stages"][stage] = record
+    atomic_write_json(Path(run_dir) / "provenance.json", info)
 
 
 def read_params(run_dir: Path) -> dict | None:

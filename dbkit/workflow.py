@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, framing, masks, matting, metrics, models, paths, runs, sample
+from . import config, data, export, framing, masks, matting, metrics, models, paths, reuse, runs, sample
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
@@ -224,7 +224,8 @@ def preview_writer(rd: Path, p: dict, subject=None, style=None):
 
 
 def run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) -> Path:
-    """Train (or reuse a finished run with the same params hash; resume an interrupted one),
+    """Train (or reuse a finished run with the same params hash, in this folder or, with
+    train.reuse_identical, another experiment's: dbkit.reuse; resume an interrupted one),
     holding the run folder's lock: a second trainer of the same run (another `dbkit run`, the
     notebook in JupyterLab) is refused, naming this one. DDP's other processes train inside
     the lock their main process holds."""
@@ -239,6 +240,9 @@ def _run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
 
     done = read_json(rd / "train_done.json")
     if done and done.get("hash") == exp.hash and (rd / "output").exists():
+        return rd / "output"
+    if _may_reuse(exp) and (src := reuse.reuse_training(rd, exp.hash)) is not None:
+        print(f"training reused from {src}: a finished run of the same params hash (train.reuse_identical)")
         return rd / "output"
     p = exp.params
     info = read_json(rd / "data.json")
@@ -258,6 +262,11 @@ def _run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     if _is_main_process():
         runs.update_provenance(rd, "train", finished=runs.utc_now())
     return out
+
+
+def _may_reuse(exp: config.Experiment) -> bool:
+    # under DDP every process decides alone; one copying while the others train would hang them
+    return exp.params["train"]["reuse_identical"] and os.environ.get("WORLD_SIZE", "1") == "1"
 
 
 def record_training_provenance(exp: config.Experiment, rd: Path) -> None:
