@@ -119,7 +119,7 @@ def bench_dreambooth(subject: str = "eyed_heart", steps: int = 1500, overrides: 
 
     params = Path(__file__).resolve().parent.parent / "params" / "demo.yaml"
     ov = [f"data.instance_images=toyworld:{subject}", f"train.steps={steps}", "experiment=bench-dreambooth",
-          "train.sample_every=0"] + list(overrides or [])
+          "train.sample_every=0", "train.reuse_identical=false"] + list(overrides or [])  # train_s is timed
     from .toyworld import subjects
 
     ov.append(f"captions.class_noun={subjects.get(subject).class_noun}")
