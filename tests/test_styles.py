@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -50,6 +51,28 @@ def test_style_survives_the_toy_vae(name):
         x = torch.stack([data.to_tensor(i) for i in imgs])
         back = vae.decode(vae.encode(x).latent_dist.mode()).sample
     assert np.mean([oracle.has_style(data.to_image(t), style) for t in back]) >= 0.98
+
+
+@pytest.mark.parametrize("name", list(styles.STYLES))
+def test_unstyled_scenes_through_the_toy_vae_never_read_as_styled(name):
+    """False positives: every background, decoded by the VAE (a few RGB units off its palette
+    value, as generated images are), is not the style. Orange corners once read yellow
+    backgrounds as painted."""
+    from diffusers import AutoencoderKL
+
+    style = styles.get(name)
+    vae = AutoencoderKL.from_pretrained(base_model_path() / "vae").eval()
+    rng = np.random.default_rng(3)
+    imgs = []
+    for bg in scenes.BACKGROUNDS:
+        for o in [scenes.random_object(random.Random(int(s))) for s in rng.integers(0, 10**6, 4)]:
+            if o.colour != bg:
+                imgs.append(scenes.render(scenes.Scene(bg, (o,))))
+    assert {scenes.BACKGROUNDS[b] for b in scenes.BACKGROUNDS} <= {im.getpixel((0, 0)) for im in imgs}
+    with torch.no_grad():
+        back = vae.decode(vae.encode(torch.stack([data.to_tensor(i) for i in imgs])).latent_dist.mode()).sample
+    said = [oracle.has_style(data.to_image(t), style) for t in back]
+    assert not any(said), [imgs[k].getpixel((0, 0)) for k, s in enumerate(said) if s]
 
 
 def test_style_is_independent_of_content_and_subject():
@@ -100,5 +123,6 @@ def test_the_base_model_never_draws_a_style():
         return sample.generate(pipe, prompts, seeds, steps=15, guidance=4.0, negative_prompt="", size=64)
 
     for style in styles.STYLES.values():
-        m = metrics.evaluate_style(gen, style, f"{style.trigger} style", seeds=[0, 1, 2], n_prompts=4)
+        # 8 content prompts: the last two ask for yellow backgrounds (orange corners once read them as styled)
+        m = metrics.evaluate_style(gen, style, f"{style.trigger} style", seeds=[0, 1], n_prompts=8)
         assert m["style_rate"] <= 0.05 and m["style_drift"] <= 0.05

@@ -167,8 +167,14 @@ def style_score(img: Image.Image | np.ndarray, style: Style) -> float:
 
 
 def _style_score(a: np.ndarray, style: Style) -> float:
-    core = styles.core(style.name)
-    return float((np.linalg.norm(a[core] - np.array(style.rgb, np.float32), axis=-1) < _STYLE_DISTANCE).mean())
+    """A pixel is painted when it is near the style's colour AND nearer to it than to every
+    background colour: orange lies 71 RGB units from the yellow background, so a generated
+    yellow background a few units off its palette value read as orange corners by distance
+    alone (a base model drawing yellow backgrounds scored "cornered")."""
+    px = a[styles.core(style.name)]
+    names, idx = _nearest(px, {**scenes.BACKGROUNDS, "style": style.rgb})
+    near = np.linalg.norm(px - np.array(style.rgb, np.float32), axis=-1) < _STYLE_DISTANCE
+    return float((near & (idx == names.index("style"))).mean())
 
 
 def has_style(img: Image.Image | np.ndarray, style: Style) -> bool:

@@ -6,7 +6,9 @@ Here there are two, each painted over any scene in a palette colour the toy VAE 
 (it reconstructs nothing else) but that no background has, so no ordinary scene carries one:
 
 - `letterbox`: purple bars across the top and bottom eighth of the frame (trigger "ohwx");
-- `cornered`: orange triangles in the four corners (trigger "zwx").
+- `cornered`: red triangles in the four corners (trigger "zwx"). Red, not orange: the toy VAE
+  shifts orange corners toward yellow (31 of 32 read through it), and orange lies 71 RGB units
+  from the yellow background; red is at least 146 from every background.
 
 Objects never reach those regions (the renderer keeps them within rows 12–52 and their
 corners free), so a style never touches the subject's paint, and the oracle reads both
@@ -47,7 +49,7 @@ class Style:
 
 
 STYLES: dict[str, Style] = {
-    s.name: s for s in (Style("letterbox", "ohwx", "purple", 12), Style("cornered", "zwx", "orange", 12))
+    s.name: s for s in (Style("letterbox", "ohwx", "purple", 12), Style("cornered", "zwx", "red", 12))
 }
 
 
