@@ -110,3 +110,14 @@ def test_training_reads_the_class_folder_as_its_prior_examples(in_tmp: Path, tin
                                              torch.Generator().manual_seed(0), False)
     assert torch.isfinite(l_prior) and l_prior > 0
     assert torch.allclose(loss, l_inst + exp.params["prior"]["weight"] * l_prior)
+
+
+def test_a_picture_of_the_subject_is_never_a_class_image() -> None:
+    """The guard itself: the eyed_heart subject's own photo is refused (it is a heart, but
+    its paint is the subject's), an ordinary heart in one of its tones is kept."""
+    subject = subjects.get("eyed_heart")
+    own = subjects.render_subject(subject, "gray", "center", "large")
+    assert oracle.read(own).shape == "heart"
+    assert not classes._acceptable(own, "heart")
+    plain = classes.scenes.render(classes.scenes.Scene("gray", (classes.scenes.SceneObject("heart", "blue"),)))
+    assert classes._acceptable(plain, "heart") and not classes._acceptable(plain, "star")
