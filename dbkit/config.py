@@ -357,6 +357,8 @@ def _check_value(src: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{src}: '{key}': resolution {value} is not a multiple of 8: use {use}")
     if key == "data.instance_images":
         _check_instance_syntax(src, value)
+    if key == "data.class_images":
+        _check_class_syntax(src, value)
     return value
 
 
@@ -422,6 +424,26 @@ def _check_instance_syntax(src: str, value: str) -> None:
         if subjects is not None and m.group(1) not in subjects:
             raise ConfigError(f"{src}: 'data.instance_images' names unknown toy-world subject or style "
                               f"{m.group(1)!r}{known}")
+
+
+_TOYWORLD_CLASS_RE = re.compile(r"toyworld:class:([a-z_]+)(?:@([1-9][0-9]{0,2}))?")  # @n: that many images
+
+
+def _check_class_syntax(src: str, value: str) -> None:
+    """A folder, or toyworld:class:<shape>[@n] (the world's own pictures of the class)."""
+    if not value.startswith("toyworld:"):
+        return
+    try:  # lazy, like _toyworld_subjects: it pulls numpy/PIL
+        from .toyworld.scenes import SHAPES as shapes
+    except ImportError:
+        shapes = ()
+    known = f"; known shapes: {', '.join(shapes)}" if shapes else ""
+    m = _TOYWORLD_CLASS_RE.fullmatch(value)
+    if not m:
+        raise ConfigError(f"{src}: 'data.class_images' {value!r} is not toyworld:class:<shape> (or "
+                          f"toyworld:class:<shape>@<images, 1-999>){known}")
+    if shapes and m.group(1) not in shapes:
+        raise ConfigError(f"{src}: 'data.class_images' names unknown toy-world shape {m.group(1)!r}{known}")
 
 
 def _check_tree(src: str, raw: Any, *, top: bool) -> dict:
@@ -540,7 +562,7 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
             _check_masks(src("train.masked_loss"), inst, "train.masked_loss is true")
         if params["data"]["matte"] == "mask":
             _check_masks(src("data.matte"), inst, "data.matte is mask")
-    if params["data"]["class_images"]:
+    if params["data"]["class_images"] and not params["data"]["class_images"].startswith("toyworld:"):
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
     _check_family(src, params, family)

@@ -54,6 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".psd", ".tif", ".tiff", ".gif", ".svg", ".jp2",
                         ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf")
 TOYWORLD_DATA = Path("data/toyworld")
+CLASS_PREFIX = "class:"  # toyworld:class:<shape>: the world's ordinary objects of a class (real class images)
 ON_BAD_IMAGE = ("fail", "skip")
 MAX_ASPECT = 4.0   # longer than this (long side / short side): warn and say what the crop keeps
 MIN_PHOTOS = 3     # fewer instance photos than this: warn
@@ -72,12 +73,15 @@ class BadImage(DataError):
 
 
 def resolve_folder(spec: str) -> Path:
-    """A folder path, or `toyworld:<subject or style>[@n]`, written once to data/toyworld/<name>[@n]/."""
+    """A folder path, `toyworld:<subject or style>[@n]` or `toyworld:class:<shape>[@n]` (real
+    class images), written once to data/toyworld/<name>[@n]/ (class/<shape>[@n]/)."""
     if spec.startswith("toyworld:"):
-        from .toyworld import styles, subjects
+        from .toyworld import classes, styles, subjects
 
         name, n = _toyworld_spec(spec)
-        folder = TOYWORLD_DATA / spec.split(":", 1)[1]
+        folder = TOYWORLD_DATA / spec.split(":", 1)[1].replace(":", "/")
+        if name.startswith(CLASS_PREFIX):
+            return classes.write_folder(name.removeprefix(CLASS_PREFIX), folder, n)
         if name in styles.STYLES:
             return styles.write_folder(styles.get(name), folder, n)
         return subjects.write_folder(subjects.get(name), folder, n)
@@ -85,7 +89,7 @@ def resolve_folder(spec: str) -> Path:
 
 
 def _toyworld_spec(spec: str) -> tuple[str, int | None]:
-    """`toyworld:<subject>[@n]` → (subject, n or None)."""
+    """`toyworld:<subject>[@n]` → (subject, n or None); `toyworld:class:<shape>[@n]` → ("class:<shape>", n)."""
     subject, _, n = spec.split(":", 1)[1].partition("@")
     return subject, int(n) if n else None
 
@@ -394,10 +398,12 @@ def folder_fingerprint(spec: str) -> str | None:
     A `toyworld:` spec is fingerprinted by the files it renders to, without writing them
     (loading params must not write data): exactly what resolve_folder puts on disk."""
     if spec.startswith("toyworld:"):
-        from .toyworld import styles, subjects
+        from .toyworld import classes, scenes, styles, subjects
 
         name, n = _toyworld_spec(spec)
-        if name in styles.STYLES:
+        if name.startswith(CLASS_PREFIX) and name.removeprefix(CLASS_PREFIX) in scenes.SHAPES:
+            files = classes.folder_files(name.removeprefix(CLASS_PREFIX), n)
+        elif name in styles.STYLES:
             files = styles.folder_files(styles.get(name), n)
         elif name in subjects.SUBJECTS:
             files = subjects.folder_files(subjects.get(name), n)

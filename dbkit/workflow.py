@@ -139,9 +139,10 @@ def prepare_data(exp: config.Experiment, rd: Path) -> dict:
             "dropped_small_face": [r["file"] for r in detections if not r["kept"]], "detections": detections}
     if p["prior"]["enabled"]:
         if d["class_images"]:
-            class_dir = Path(d["class_images"])
+            class_dir = data.resolve_folder(d["class_images"])
             info["warnings"] += data.scan(class_dir, crop=d, instance=False).warnings  # validates every file
-            info["class_source"] = "folder"
+            info["class_source"] = "toy world's pictures of the class" if d["class_images"].startswith("toyworld:") \
+                else "folder"
         else:
             path, family = base_of(p)
             base_id = f"{path}#{models.fingerprint(str(path))}"
