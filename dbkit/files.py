@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,19 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sync_folder(folder: str | Path, files: Mapping[str, bytes]) -> Path:
+    """Make `folder` hold `files` (name → bytes, written in their order): files already holding
+    these bytes are left alone, any other is rewritten atomically. For folders dbkit generates
+    (the toy world's photos), which must match the fingerprint of what wrote them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = folder / name
+        if not (path.is_file() and path.read_bytes() == content):
+            atomic_write_bytes(path, content)
+    return folder
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -82,11 +82,6 @@ def folder_files(shape: str, n: int | None = None) -> Mapping[str, bytes]:
 def write_folder(shape: str, folder: Path, n: int | None = None) -> Path:
     """Write :func:`folder_files` into `folder`; files already holding these bytes are left
     alone, any other is rewritten (the folder is ours and must match its fingerprint)."""
-    from ..files import atomic_write_bytes
+    from ..files import sync_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in folder_files(shape, n).items():  # metadata.jsonl last
-        path = folder / name
-        if not (path.is_file() and path.read_bytes() == content):
-            atomic_write_bytes(path, content)
-    return folder
+    return sync_folder(folder, folder_files(shape, n))  # metadata.jsonl last

@@ -128,11 +128,6 @@ def folder_files(style: Style, n: int | None = None) -> Mapping[str, bytes]:
 
 def write_folder(style: Style, folder: Path, n: int | None = None) -> Path:
     """Write :func:`folder_files` into `folder` (files already holding these bytes are kept)."""
-    from ..files import atomic_write_bytes
+    from ..files import sync_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in folder_files(style, n).items():
-        path = folder / name
-        if not (path.is_file() and path.read_bytes() == content):
-            atomic_write_bytes(path, content)
-    return folder
+    return sync_folder(folder, folder_files(style, n))  # metadata.jsonl last

@@ -151,11 +151,6 @@ def write_folder(subject: Subject, folder: Path, n: int | None = None) -> Path:
     """Write :func:`folder_files` into `folder`. Files that already hold exactly these bytes
     are left alone; any other (from an older dbkit, or edited by hand) is rewritten: the
     folder is ours, not the user's, and must hold what its spec's fingerprint describes."""
-    from ..files import atomic_write_bytes
+    from ..files import sync_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in folder_files(subject, n).items():  # metadata.jsonl last
-        path = folder / name
-        if not (path.is_file() and path.read_bytes() == content):
-            atomic_write_bytes(path, content)
-    return folder
+    return sync_folder(folder, folder_files(subject, n))  # metadata.jsonl last
