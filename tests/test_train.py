@@ -196,7 +196,8 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(in_tmp, tin
     params = in_tmp / "k.yaml"
     params.write_text(f"extends: {root / 'params' / 'base.yaml'}\nbase: {{model: {tiny_base}}}\n"
                       "prior: {enabled: false}\ntrain: {steps: 60, batch_size: 2, save_every: 10, "
-                      "keep_checkpoints: 2, sample_every: 0}\n")
+                      "keep_checkpoints: 2, sample_every: 0, reuse_identical: false}\n")  # the same params
+    # twice: without this the second run would copy the first (dbkit.reuse) instead of training
     env = {**os.environ, "PYTHONPATH": str(root)}
 
     def run(name: str) -> subprocess.Popen:
