@@ -253,6 +253,9 @@ def _run_training(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     path, family = base_of(p)
     if not (rd / "checkpoints").exists():
         (rd / "steps_curve.jsonl").unlink(missing_ok=True)
+    # metrics are read back rather than redrawn (current_metrics): any left here (a copy
+    # interrupted before its train_done.json) would describe another model than this training's
+    (rd / "metrics.json").unlink(missing_ok=True)
     record_training_provenance(exp, rd)
     t0 = time.time()
     out = train.train(p, rd, records, base_path=path, family=family,
@@ -345,6 +348,13 @@ def evaluate_run(exp: config.Experiment, rd: Path, pipe=None) -> dict | None:
     return result
 
 
+def current_metrics(exp: config.Experiment, rd: Path) -> dict | None:
+    """The run's metrics.json, else evaluate now: metrics.* and sample.* are in the params hash,
+    so a metrics.json in this folder (written after its training, or copied with a reused one)
+    is this model's; evaluating again would redraw the same images."""
+    return read_json(rd / "metrics.json") or evaluate_run(exp, rd)
+
+
 def evaluate_base(p: dict) -> dict | None:
     """The same metrics for the untouched base (cached: it depends only on base + prompts)."""
     if not has_oracle_metrics(p):
@@ -391,8 +401,7 @@ def _train_variant(vexp: config.Experiment, vrd: Path, *, progress: bool) -> tup
     runs.write_provenance(vrd, vexp, "captions")
     prepare_captions(vexp, vrd)
     run_training(vexp, vrd, progress=progress)
-    # metrics.* and sample.* are in the params hash, so a metrics.json in this folder is current
-    return vrd, read_json(vrd / "metrics.json") or evaluate_run(vexp, vrd)
+    return vrd, current_metrics(vexp, vrd)
 
 
 def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) -> dict:
@@ -401,7 +410,7 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     from . import report
     p = exp.params
     rows: list[dict] = [{"label": "base", "run_dir": None, "metrics": evaluate_base(p)}]
-    main_metrics = read_json(rd / "metrics.json") or evaluate_run(exp, rd)
+    main_metrics = current_metrics(exp, rd)
     rows.append({"label": f"{exp.name} (this run)", "run_dir": str(rd), "metrics": main_metrics})
     for label, vexp in variants(exp):
         vrd, m = train_variant(vexp, progress=progress)
