@@ -341,3 +341,28 @@ def test_encode_text_builds_time_ids_per_sample_like_the_sdxl_pipeline(tmp_path)
                      pipe._get_add_time_ids((64, 96), (2, 0), (48, 80), torch.float32, dim)])
     assert torch.equal(added["time_ids"], ref)
     assert default["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
+def test_adamw_matches_torchs_default_loop_bit_for_bit():
+    """make_optimizer asks for the foreach kernels (speed); the reference is torch's per-tensor
+    AdamW loop, the CPU default, on the same parameters, groups and gradients."""
+    def model_and_groups():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(3, 3))]
+        return ps, [{"params": ps[:2], "lr": 2e-3}, {"params": ps[2:], "lr": 4e-4}, {"params": [], "lr": 1.0}]
+
+    ours, g1 = model_and_groups()
+    ref, g2 = model_and_groups()
+    opt = train.make_optimizer(g1, {"optimizer": "adamw", "weight_decay": 0.01})
+    reference = torch.optim.AdamW([g for g in g2 if g["params"]], weight_decay=0.01, foreach=False)
+    assert opt.defaults["foreach"] is True
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = [torch.randn(q.shape, generator=gen) for q in ours]
+        for q, r, g in zip(ours, ref, grads):
+            q.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+    for q, r in zip(ours, ref):
+        assert torch.equal(q, r)
