@@ -658,6 +658,10 @@ def prepare_modules(accel, parts: Parts) -> tuple[torch.nn.Module, list[torch.nn
     def prepare(m: torch.nn.Module) -> torch.nn.Module:
         if not any(q.requires_grad for q in m.parameters()):
             return accel.prepare_model(m, evaluation_mode=True)
+        # from_pretrained leaves models in eval mode and peft adds its LoRA dropout in train
+        # mode: without this, LoRA dropout ran until the first preview, whose return to the
+        # module's (eval) mode switched it off for the rest of the run
+        m.train()
         m = accel.prepare(m)
         trained.append(m)
         return m

@@ -366,3 +366,36 @@ def test_adamw_matches_torchs_default_loop_bit_for_bit():
         reference.step()
     for q, r in zip(ours, ref):
         assert torch.equal(q, r)
+
+
+def test_previews_leave_the_trained_weights_unchanged(in_tmp, tiny_base):
+    """A preview at every step (drawing through the live modules, with LoRA dropout drawing
+    from the global RNG in training) trains the same weights as no preview: a params file
+    may thin its previews (params/demo.yaml) without changing any result."""
+    from safetensors.torch import load_file
+
+    extra = ("train.lora.dropout=0.1", "prior.enabled=false", "sample.steps=2", "sample.seeds=[0]",
+             "train.save_every=0")
+    quiet = _train(_params(tiny_base, *extra), in_tmp / "quiet")
+    drawn = []
+    busy = _train(_params(tiny_base, *extra, "train.sample_every=1"), in_tmp / "busy",
+                  preview=lambda step, pipe: drawn.append(pipe("a star", num_inference_steps=2, output_type="np",
+                                                                 height=32, width=32).images))
+    assert len(drawn) == 4
+    a, b = load_file(quiet / export.LORA_FILE), load_file(busy / export.LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_dropout_is_on_while_training(in_tmp, tiny_base):
+    """As diffusers' script calls unet.train(): from_pretrained leaves eval mode, in which the
+    LoRA dropout would depend on whether a preview had already run."""
+    p = train.effective_params(_params(tiny_base, "train.lora.dropout=0.1", "prior.enabled=false"))
+    recs, _ = _setup(p)
+    tr = train.setup_training(p, in_tmp / "run", recs, workflow.models.resolve(p["base"]["model"]), "sd15", None)
+    drops = [m for name in ("unet", "text_encoder") for n, m in tr.modules[name].named_modules()
+             if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.training for m in drops)
+    with train.sampling_mode(tr.modules, 1.0):  # what every preview does
+        assert not any(m.training for m in drops)
+    assert all(m.training for m in drops)
+    assert not tr.parts.vae.training  # frozen parts stay in eval mode
