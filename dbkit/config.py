@@ -72,6 +72,10 @@ HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge", "report")
 # whether a finished identical run is copied or retrained, not what the model is, and adding
 # it to base.yaml must not rename every existing run folder.
 HASH_EXCLUDE_KEYS = ("train.reuse_identical",)
+# Keys added after runs existed, with the value the code had before the key: at that value they
+# stay out of the hash (every existing run keeps its folder and its committed report); any other
+# value is a different run.
+HASH_ADDED_KEYS = {"metrics.seed": 100}
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -161,7 +165,8 @@ def params_hash(params: dict) -> str:
     from .models import fingerprint
 
     ident = {k: v for k, v in params.items() if k not in HASH_EXCLUDE}
-    for dotted in HASH_EXCLUDE_KEYS:
+    dropped = list(HASH_EXCLUDE_KEYS) + [k for k, v in HASH_ADDED_KEYS.items() if _get_or(params, k) == v]
+    for dotted in dropped:
         section, _, key = dotted.partition(".")
         if isinstance(ident.get(section), dict):
             ident[section] = {k: v for k, v in ident[section].items() if k != key}
@@ -177,6 +182,14 @@ def params_hash(params: dict) -> str:
 
 
 CAPTION_MODEL_SECTIONS = model_folders.CAPTION_MODEL_SECTIONS
+
+
+def _get_or(d: dict, dotted: str, default: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
 
 
 def caption_models(params: dict) -> dict[str, str]:

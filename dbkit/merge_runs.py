@@ -157,7 +157,7 @@ def pair_of(sources: list[Source]) -> tuple | None:
 
 def score(p: dict, pipe, pair: tuple, n_prompts: int = 8) -> dict:
     subject, sphrase, style, tphrase = pair
-    seeds = list(range(100, 100 + p["metrics"]["num_per_prompt"]))
+    seeds = workflow.evaluation_seeds(p)
     return metrics.evaluate_combination(workflow.generator_for(pipe, p), subject, sphrase, style, tphrase,
                                         seeds=seeds, n_prompts=n_prompts)
 

@@ -306,11 +306,17 @@ def generator_for(pipe, p: dict):
     return gen
 
 
+def evaluation_seeds(p: dict) -> list[int]:
+    """The seeds of every evaluation image: metrics.seed … metrics.seed + num_per_prompt − 1."""
+    m = p["metrics"]
+    return list(range(m["seed"], m["seed"] + m["num_per_prompt"]))
+
+
 def _evaluate(p: dict, pipe) -> dict | None:
     """Metrics of one model with the configured backend: the toy oracle (exact, toy subjects
     only) or CLIP/DINO/LPIPS-ViT from local paths (any subject: compared to its real photos)."""
     q = cap.effective_params(p)
-    seeds = list(range(100, 100 + p["metrics"]["num_per_prompt"]))
+    seeds = evaluation_seeds(p)
     phrase, noun = cap.subject_phrase(q), p["captions"]["class_noun"]
     if p["metrics"]["backend"] == "clip":
         from . import metric_backends

@@ -433,3 +433,18 @@ def test_an_ablation_variant_that_cannot_train_fails_at_load(tmp_path: Path) -> 
         load(path)
     with pytest.raises(ConfigError, match=r"ablation variant captions\.dropout=1\.0: .*'captions\.dropout' is 1\.0"):
         load(exp_file(tmp_path, ablation={"vary": {"captions.dropout": [0.1, 1.0]}}))
+
+
+def test_a_key_added_later_keeps_old_run_hashes_at_its_old_behaviour() -> None:
+    """metrics.seed came after the notes' runs: at 100 (the seeds the code always drew) the hash
+    is the one computed without the key; another seed is another run."""
+    import copy
+
+    MERGE = Path(__file__).resolve().parent.parent / "params" / "notes" / "merge.yaml"
+
+    p = load(MERGE).params
+    without = copy.deepcopy(p)
+    del without["metrics"]["seed"]
+    assert config.params_hash(p) == config.params_hash(without)
+    assert config.params_hash(p)[:12] == "386e5f2d6354"  # the committed reports/notes-merge version
+    assert load(MERGE, ["metrics.seed=200"]).hash != load(MERGE).hash

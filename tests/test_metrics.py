@@ -82,3 +82,29 @@ def test_background_leak_counts_the_backgrounds_of_the_subjects_own_photos():
     images = [_photo(bg) for bg in sorted(own)] + [_photo(other)]
     assert metrics.background_leak(images, DUO) == len(own) / (len(own) + 1)
     assert metrics.background_leak([_scene(bg=other)], DUO) == 0.0
+
+
+def test_metrics_seed_moves_every_evaluation_image(monkeypatch):
+    """metrics.seed picks the evaluation's seeds (a hold-out check draws other images): the
+    generator sees exactly seed … seed+num_per_prompt−1, for a subject run and for a merge row."""
+    from PIL import Image
+
+    from dbkit import config, merge_runs, workflow
+
+    seen: list[int] = []
+
+    def fake_generator(pipe, p):
+        def gen(prompts, seeds):
+            seen.extend(seeds)
+            return [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in prompts for _ in seeds]
+        return gen
+
+    monkeypatch.setattr(workflow, "generator_for", fake_generator)
+    p = config.load("params/notes/merge.yaml", ["metrics.seed=200", "metrics.num_per_prompt=3"]).params
+    workflow.evaluate_model(p, pipe=None)
+    assert seen and set(seen) == {200, 201, 202}
+    seen.clear()
+    style_p = config.load("params/notes/style.yaml").params
+    pair = (workflow.subject_of(p), "sks heart", workflow.style_of(style_p), "ohwx style")
+    merge_runs.score(p, None, pair)
+    assert seen and set(seen) == {200, 201, 202}
