@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,19 +133,34 @@ def run_script(work: Path, script: Path, shim: Path | None, photos: Path, steps:
 
 
 def bench_trainer(script: Path, shim: Path | None = None, *, subject: str = "eyed_heart", steps: int = 200,
-                  batch: int = 4, rank: int = 8, res: int = 64, skip: int = 20, lr: float = 2e-3) -> dict:
-    """Both trainers once each, at equal work: steps/s (steady state), wall seconds, ratio.
-    A failed trainer's log is kept (the error names it)."""
+                  batch: int = 4, rank: int = 8, res: int = 64, skip: int = 20, lr: float = 2e-3,
+                  repeats: int = 1) -> dict:
+    """Both trainers `repeats` times, in turn (dbkit, script, dbkit, …), at equal work: steps/s
+    (steady state), wall seconds and the ratio of each pair, and their medians. Pairing keeps
+    each ratio meaningful when the machine's speed drifts (on a shared 2-core machine single
+    runs have differed by a quarter). A failed trainer's log is kept (the error names it)."""
     from . import data
     from .toyworld import subjects
 
     noun = subjects.get(subject).class_noun
     photos = data.resolve_folder(f"toyworld:{subject}")
-    work = Path(tempfile.mkdtemp(prefix="dbkit-bench-trainer-"))
-    d_rate, d_wall = run_dbkit(work, photos, steps, batch, rank, res, skip, noun)
-    s_rate, s_wall = run_script(work, script, shim, photos, steps, batch, rank, res, skip, lr, noun)
-    shutil.rmtree(work, ignore_errors=True)
+    pairs = []
+    for _ in range(repeats):
+        work = Path(tempfile.mkdtemp(prefix="dbkit-bench-trainer-"))
+        d_rate, d_wall = run_dbkit(work, photos, steps, batch, rank, res, skip, noun)
+        s_rate, s_wall = run_script(work, script, shim, photos, steps, batch, rank, res, skip, lr, noun)
+        shutil.rmtree(work, ignore_errors=True)
+        pairs.append({"dbkit_steps_per_s": round(d_rate, 2), "diffusers_steps_per_s": round(s_rate, 2),
+                      "ratio": round(d_rate / s_rate, 2), "dbkit_wall_s": round(d_wall, 1),
+                      "diffusers_wall_s": round(s_wall, 1)})
     return {"steps": steps, "batch": batch, "rank": rank, "resolution": res, "steady_from_step": skip,
-            "dbkit_steps_per_s": round(d_rate, 2), "diffusers_steps_per_s": round(s_rate, 2),
-            "ratio": round(d_rate / s_rate, 2), "dbkit_wall_s": round(d_wall, 1), "diffusers_wall_s": round(s_wall, 1),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+            **summarise_pairs(pairs), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
+def summarise_pairs(pairs: list[dict]) -> dict:
+    """One pair: its figures. Several: the median of each figure (the ratio's median is taken
+    over the pairs' ratios, not the ratio of medians), with every pair listed."""
+    if len(pairs) == 1:
+        return dict(pairs[0])
+    med = {k: round(statistics.median(p[k] for p in pairs), 2) for k in pairs[0]}
+    return {f"median_{k}": v for k, v in med.items()} | {"pairs": pairs}

@@ -170,7 +170,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(bench_trainer.script_help())
             return 2
         result = bench_trainer.bench_trainer(Path(args.diffusers_script), args.torchvision_shim or None,
-                                             subject=args.subject, steps=args.steps or 200)
+                                             subject=args.subject, steps=args.steps or 200,
+                                             repeats=args.repeats)
     else:
         result = bench.bench_dreambooth(args.subject, steps=args.steps or 1500, overrides=args.p)
     print(json.dumps(result, indent=2))
@@ -292,6 +293,8 @@ def _parser() -> argparse.ArgumentParser:
                    "examples/dreambooth/train_dreambooth_lora.py (without it: how to get it)")
     p.add_argument("--torchvision-shim", default="", help="trainer: folder put first on the script's PYTHONPATH "
                    "holding a stand-in `torchvision` package, where no torchvision build is installed")
+    p.add_argument("--repeats", type=int, default=1, help="trainer: pairs of runs, in turn (medians reported; "
+                   "5 for a figure to quote on a shared machine)")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
     p.set_defaults(func=_cmd_bench)
     return parser

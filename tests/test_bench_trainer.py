@@ -46,3 +46,13 @@ def test_instance_folder_fills_every_batch(tmp_path):
     files = sorted(folder.iterdir())
     assert len(files) == 12  # 3 photos × 4: three full batches of 4, each photo 4 times
     assert sorted(f.read_bytes() for f in files) == sorted([b"a.png", b"b.png", b"c.png"] * 4)
+
+
+def test_several_pairs_report_medians_of_the_pairs_ratios():
+    pairs = [{"dbkit_steps_per_s": d, "diffusers_steps_per_s": s, "ratio": round(d / s, 2)}
+             for d, s in ((20.0, 10.0), (18.0, 15.0), (30.0, 20.0))]
+    out = bt.summarise_pairs(pairs)
+    # ratios 2.0, 1.2, 1.5: median 1.5, while the ratio of the medians would be 20/15
+    assert out["median_ratio"] == 1.5 and out["median_dbkit_steps_per_s"] == 20.0
+    assert out["median_diffusers_steps_per_s"] == 15.0 and out["pairs"] == pairs
+    assert bt.summarise_pairs(pairs[:1]) == pairs[0]
