@@ -108,3 +108,21 @@ def test_metrics_seed_moves_every_evaluation_image(monkeypatch):
     pair = (workflow.subject_of(p), "sks heart", workflow.style_of(style_p), "ohwx style")
     merge_runs.score(p, None, pair)
     assert seen and set(seen) == {200, 201, 202}
+
+
+def test_a_style_run_is_evaluated_like_its_metrics_json(monkeypatch):
+    """evaluate_model (what `dbkit checkpoints --metrics` calls per checkpoint) measures a toy
+    style with the style metrics, as the run's own evaluation does; it used to answer None
+    ("user photos need metrics.backend: clip") for every style."""
+    from PIL import Image
+
+    from dbkit import config, workflow
+
+    def fake_generator(pipe, p):
+        return lambda prompts, seeds: [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in prompts for _ in seeds]
+
+    monkeypatch.setattr(workflow, "generator_for", fake_generator)
+    p = config.load("params/notes/style.yaml", ["metrics.num_per_prompt=2"]).params
+    m = workflow.evaluate_model(p, pipe=None)
+    assert m is not None and m["style_rate"] == 0.0 and "style_drift" in m
+    assert m == workflow._evaluate(p, None)
