@@ -211,7 +211,8 @@ def differences(a: Side | Path, b: Side | Path) -> dict[str, dict[str, tuple[Any
 
 
 def _trained(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k not in DESCRIPTIVE}
+    # a run made before metrics.seed existed drew the seeds the key's default names: no difference
+    return {k: v for k, v in config.with_added_keys(params).items() if k not in DESCRIPTIVE}
 
 
 def _descriptive_differences(a: Side, b: Side) -> list[str]:

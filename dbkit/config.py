@@ -184,6 +184,17 @@ def params_hash(params: dict) -> str:
 CAPTION_MODEL_SECTIONS = model_folders.CAPTION_MODEL_SECTIONS
 
 
+def with_added_keys(params: dict) -> dict:
+    """`params` as the current code reads it: a key of HASH_ADDED_KEYS that a run written before
+    it existed lacks holds the value the code had then (for comparing old runs with new ones)."""
+    out = copy.deepcopy(params)
+    for dotted, old in HASH_ADDED_KEYS.items():
+        section, _, key = dotted.partition(".")
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = old
+    return out
+
+
 def _get_or(d: dict, dotted: str, default: Any = None) -> Any:
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:

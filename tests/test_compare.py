@@ -164,3 +164,14 @@ def test_the_committed_ema_report(capsys) -> None:
     assert set(expected) == {"train.ema_decay"}
     assert cli.main(["compare", str(ROOT / "reports/notes-ema"), f"{report}#ema_decay-0.99"]) == 0
     assert printed_rows(capsys.readouterr().out, "params") == expected
+
+
+def test_a_run_older_than_metrics_seed_compares_as_seed_100(tmp_path: Path) -> None:
+    """Runs written before metrics.seed existed lack the key; they drew seeds 100…, so against a
+    new run at 100 nothing differs, and against 200 exactly that key does."""
+    old = {"seed": 0, "metrics": {"backend": "oracle", "num_per_prompt": 8}}
+    a = make_run(tmp_path / "a", old, {"subject_fidelity": 0.5})
+    b = make_run(tmp_path / "b", {**old, "metrics": {**old["metrics"], "seed": 100}}, {"subject_fidelity": 0.5})
+    c = make_run(tmp_path / "c", {**old, "metrics": {**old["metrics"], "seed": 200}}, {"subject_fidelity": 0.5})
+    assert compare.differences(a, b) == {"params": {}, "metrics": {}}
+    assert compare.differences(a, c)["params"] == {"metrics.seed": (100, 200)}
