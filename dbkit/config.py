@@ -165,7 +165,7 @@ def params_hash(params: dict) -> str:
     from .models import fingerprint
 
     ident = {k: v for k, v in params.items() if k not in HASH_EXCLUDE}
-    dropped = list(HASH_EXCLUDE_KEYS) + [k for k, v in HASH_ADDED_KEYS.items() if _get_or(params, k) == v]
+    dropped = list(HASH_EXCLUDE_KEYS) + [k for k, v in HASH_ADDED_KEYS.items() if _at_old_value(params, k, v)]
     for dotted in dropped:
         section, _, key = dotted.partition(".")
         if isinstance(ident.get(section), dict):
@@ -195,12 +195,11 @@ def with_added_keys(params: dict) -> dict:
     return out
 
 
-def _get_or(d: dict, dotted: str, default: Any = None) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return default
-        d = d[part]
-    return d
+def _at_old_value(params: dict, dotted: str, old: Any) -> bool:
+    try:
+        return _get(params, dotted) == old
+    except KeyError:  # written before the key existed
+        return True
 
 
 def caption_models(params: dict) -> dict[str, str]:
