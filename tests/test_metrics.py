@@ -117,12 +117,16 @@ def test_a_style_run_is_evaluated_like_its_metrics_json(monkeypatch):
     from PIL import Image
 
     from dbkit import config, workflow
+    from dbkit.toyworld import styles
+
+    letterbox = styles.get("letterbox")
+    painted = styles.apply(Image.new("RGB", (64, 64), (128, 128, 128)), letterbox)  # the renderer's own paint
 
     def fake_generator(pipe, p):
-        return lambda prompts, seeds: [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in prompts for _ in seeds]
+        return lambda prompts, seeds: [painted.copy() for _ in prompts for _ in seeds]
 
     monkeypatch.setattr(workflow, "generator_for", fake_generator)
     p = config.load("params/notes/style.yaml", ["metrics.num_per_prompt=2"]).params
     m = workflow.evaluate_model(p, pipe=None)
-    assert m is not None and m["style_rate"] == 0.0 and "style_drift" in m
-    assert m == workflow._evaluate(p, None)
+    # every image carries the style, with and without the trigger
+    assert m is not None and m["style_rate"] == 1.0 and m["style_drift"] == 1.0
