@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ def _acquire(path: Path, command: str) -> tuple[int, dict]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLocked(locked_message(path, _read_holder(path))) from None
+            raise RunLocked(locked_message(path, _wait_for_holder(path))) from None
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
@@ -139,6 +140,15 @@ def _acquire(path: Path, command: str) -> tuple[int, dict]:
     os.ftruncate(fd, 0)
     os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
     return fd, holder
+
+
+def _wait_for_holder(path: Path, patience: float = 2.0) -> dict:
+    # The winner writes its record just after its flock succeeds; a loser that comes in
+    # between reads an empty file, so it waits briefly for the record rather than naming nobody.
+    deadline = time.monotonic() + patience
+    while not (holder := _read_holder(path)).get("token") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return holder
 
 
 def _same_file(fd: int, path: Path) -> bool:

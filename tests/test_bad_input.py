@@ -420,6 +420,31 @@ def test_two_processes_one_run_folder_one_trains_the_other_is_told_who(tmp_path:
     assert not (rd / "run.lock").exists()
 
 
+SLOW_HOLDER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)  # the gap between taking the lock and writing who holds it, stretched
+os.write(fd, json.dumps({"pid": os.getpid(), "host": "h", "since": "now", "command": "slow writer",
+                         "token": "t"}).encode())
+time.sleep(5)
+"""
+
+
+def test_a_loser_that_comes_before_the_holder_wrote_its_record_still_names_the_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(tmp_path / runs.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runs.RunLocked, match=rf"in use by pid {holder.pid} on h since now \(`slow writer`\)"):
+            with runs.lock_run(tmp_path, "second"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_run_training_refuses_a_folder_another_process_holds(world: World) -> None:
     holder_process(world)
     exp = config.load(world.root / "params" / "exp.yaml")
