@@ -816,48 +816,7 @@ def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = N
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
     for folder in folders:
         write_versions_page(folder)
-    rows = [r for r in map(_experiment_row, folders) if r is not None]
-
-    ranks = Counter(r.summary.get("rank_by") for r in rows if r.summary.get("rank_by"))
-    rank_by = ranks.most_common(1)[0][0] if ranks else None
-
-    def metrics(r: _Row) -> dict:
-        m = r.summary.get("metrics")
-        return m if isinstance(m, dict) else {}
-
-    def key(r: _Row) -> tuple:
-        v = metrics(r).get(rank_by) if rank_by else None
-        ranked = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return (0, -v, r.name) if ranked else (1, -r.mtime, r.name)
-
-    rows.sort(key=key)
-    names = list(dict.fromkeys(k for r in rows for k in metrics(r)))
-    if rank_by in names:
-        names.remove(rank_by)
-        names.insert(0, rank_by)
-
-    head = "".join(f'<th class="{"rank" if n == rank_by else ""}">{html.escape(n)}'
-                   f'{" ↓" if n == rank_by else ""}</th>' for n in names)
-    body = []
-    for r in rows:
-        s = r.summary
-        name = html.escape(r.name)
-        notes = s.get("notes") if isinstance(s.get("notes"), dict) else {}
-        hypo = str(s.get("hypothesis") or notes.get("hypothesis") or "").strip()
-        hypo = html.escape(hypo).replace("\n", "<br>")
-        hypo += index_tables.stale_html(index_tables.conclusion_check(s, project))
-        cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
-                        f"{_fmt_metric(metrics(r).get(n))}</td>"
-                        for n in names)
-        h = html.escape(str(s.get("hash") or "")[:12])
-        # ISO timestamps shown to the minute; anything else as written
-        date = str(s.get("date") or time.strftime("%Y-%m-%dT%H:%M", time.localtime(r.mtime)))
-        date = html.escape(date[:16].replace("T", " ") if re.match(r"\d{4}-\d\d-\d\dT", date) else date)
-        body.append(f'<tr><td><a href="{html.escape(r.href)}">{name}</a></td><td>{hypo}</td>{cells}'
-                    f"<td><code>{h}</code></td><td>{date}</td><td>{_other_versions(r)}</td></tr>")
-    if not rows:
-        body.append(f'<tr><td colspan="{5 + len(names)}">No experiment has a summary yet: '
-                    "run <code>dbkit run params/&lt;experiment&gt;.yaml</code>.</td></tr>")
+    rows, rank_by = _ranked_rows(folders)
     sub = f"{len(rows)} experiment(s)" + (f", ranked by {html.escape(rank_by)}" if rank_by else "")
     latest = [(r.name, r.href, r.summary) for r in rows]
     all_runs = index_tables.all_runs_html(index_tables.all_runs(latest, project))
@@ -868,14 +827,64 @@ def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = N
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>dbkit experiments</title><style>{_INDEX_CSS}{index_tables.INDEX_CSS}</style></head><body>"
-        f'<h1>Experiments</h1><p class="sub">{sub}</p>'
-        f"<table><thead><tr><th>experiment</th><th>hypothesis</th>{head}<th>params hash</th><th>date</th>"
-        f"<th>other versions</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f'<h1>Experiments</h1><p class="sub">{sub}</p>{_ranking_table(rows, rank_by, project)}'
         f"{all_runs}{notes}<script>{index_tables.SORT_JS}</script></body></html>\n"
     )
     out = root / "index.html"
     files.atomic_write_text(out, page)
     return out
+
+
+def _summary_metrics(r: _Row) -> dict:
+    m = r.summary.get("metrics")
+    return m if isinstance(m, dict) else {}
+
+
+def _ranked_rows(folders: list[Path]) -> tuple[list[_Row], str | None]:
+    """The experiments' rows, best first by the metric most of them rank by (those without it
+    after them, newest first), and that metric."""
+    rows = [r for r in map(_experiment_row, folders) if r is not None]
+    ranks = Counter(r.summary.get("rank_by") for r in rows if r.summary.get("rank_by"))
+    rank_by = ranks.most_common(1)[0][0] if ranks else None
+
+    def key(r: _Row) -> tuple:
+        v = _summary_metrics(r).get(rank_by) if rank_by else None
+        ranked = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return (0, -v, r.name) if ranked else (1, -r.mtime, r.name)
+
+    return sorted(rows, key=key), rank_by
+
+
+def _ranking_table(rows: list[_Row], rank_by: str | None, project: Path) -> str:
+    """The index's first table: one row per experiment, its hypothesis (with a stale-conclusion
+    flag), its metrics with the ranking one first, hash, date and other versions."""
+    from . import index_tables
+
+    names = list(dict.fromkeys(k for r in rows for k in _summary_metrics(r)))
+    if rank_by in names:
+        names.remove(rank_by)
+        names.insert(0, rank_by)
+    head = "".join(f'<th class="{"rank" if n == rank_by else ""}">{html.escape(n)}'
+                   f'{" ↓" if n == rank_by else ""}</th>' for n in names)
+    body = []
+    for r in rows:
+        s = r.summary
+        notes = s.get("notes") if isinstance(s.get("notes"), dict) else {}
+        hypo = html.escape(str(s.get("hypothesis") or notes.get("hypothesis") or "").strip()).replace("\n", "<br>")
+        hypo += index_tables.stale_html(index_tables.conclusion_check(s, project))
+        cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
+                        f"{_fmt_metric(_summary_metrics(r).get(n))}</td>" for n in names)
+        h = html.escape(str(s.get("hash") or "")[:12])
+        # ISO timestamps shown to the minute; anything else as written
+        date = str(s.get("date") or time.strftime("%Y-%m-%dT%H:%M", time.localtime(r.mtime)))
+        date = html.escape(date[:16].replace("T", " ") if re.match(r"\d{4}-\d\d-\d\dT", date) else date)
+        body.append(f'<tr><td><a href="{html.escape(r.href)}">{html.escape(r.name)}</a></td><td>{hypo}</td>{cells}'
+                    f"<td><code>{h}</code></td><td>{date}</td><td>{_other_versions(r)}</td></tr>")
+    if not rows:
+        body.append(f'<tr><td colspan="{5 + len(names)}">No experiment has a summary yet: '
+                    "run <code>dbkit run params/&lt;experiment&gt;.yaml</code>.</td></tr>")
+    return (f"<table><thead><tr><th>experiment</th><th>hypothesis</th>{head}<th>params hash</th><th>date</th>"
+            f"<th>other versions</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
 def write_versions_page(folder: Path) -> Path | None:
