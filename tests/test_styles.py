@@ -31,9 +31,9 @@ def test_style_oracle_reads_fresh_renders_at_least_98_percent(name):
             if name == "letterbox":
                 a[:8], a[-8:] = style.rgb, style.rgb
             else:
-                yy, xx = np.mgrid[0:64, 0:64]
-                for cy, cx in ((0, 0), (0, 63), (63, 0), (63, 63)):
-                    a[(abs(yy - cy) + abs(xx - cx)) < 16] = style.rgb
+                for ys in (slice(0, 12), slice(52, 64)):
+                    for xs in (slice(0, 12), slice(52, 64)):
+                        a[ys, xs] = style.rgb
             img = Image.fromarray(a)
         truth.append(styled)
         said.append(oracle.has_style(img, style))
@@ -88,6 +88,24 @@ def test_style_is_independent_of_content_and_subject():
                 styled = styles.apply(img, style)
                 assert oracle.has_style(styled, style)
                 assert abs(oracle.signature_score(styled, subject) - oracle.signature_score(img, subject)) < 0.02
+
+
+@pytest.mark.parametrize("name", list(styles.STYLES))
+def test_no_object_reaches_a_style_region(name):
+    """A style paints over a region no object of any scene or subject photo touches, so
+    it never covers the content it is applied to (checked on the renders' own pixels)."""
+    region = styles.region(name)
+    rng = random.Random(11)
+    imgs = []
+    for _ in range(400):
+        o = scenes.random_object(rng)
+        bg = rng.choice([b for b in scenes.BACKGROUNDS if b != o.colour])
+        imgs.append((scenes.render(scenes.Scene(bg, (o,))), scenes.BACKGROUNDS[bg]))
+    for subject in subjects.SUBJECTS.values():
+        imgs += [(img, img.getpixel((0, 0))) for img, _ in subjects.photos(subject)]
+    for img, bg in imgs:
+        off_background = np.abs(np.array(img).astype(int) - np.array(bg)).sum(-1) > 30
+        assert not off_background[region].any()
 
 
 def test_style_folder_describes_its_content_and_carries_the_style(tmp_path):

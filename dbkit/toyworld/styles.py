@@ -6,13 +6,13 @@ Here there are two, each painted over any scene in a palette colour the toy VAE 
 (it reconstructs nothing else) but that no background has, so no ordinary scene carries one:
 
 - `letterbox`: purple bars across the top and bottom eighth of the frame (trigger "ohwx");
-- `cornered`: red triangles in the four corners (trigger "zwx"). Red, not orange: the toy VAE
-  shifts orange corners toward yellow (31 of 32 read through it), and orange lies 71 RGB units
-  from the yellow background; red is at least 146 from every background.
+- `cornered`: red squares of 12 px in the four corners (trigger "zwx"). Red, not orange: the
+  toy VAE shifts orange corners toward yellow (31 of 32 read through it), and orange lies 71 RGB
+  units from the yellow background; red is at least 146 from every background.
 
-Objects never reach those regions (the renderer keeps them within rows 12–52 and their
-corners free), so a style never touches the subject's paint, and the oracle reads both
-independently. A style's training set is a folder of styled scenes of varied content,
+Objects never reach those regions (the renderer keeps them within rows 12–52, and no object of
+1500 random scenes touches a 12 px corner square), so a style never touches the subject's paint,
+and the oracle reads both independently. A style's training set is a folder of styled scenes of varied content,
 with a metadata.jsonl describing the content, like a subject's photos.
 """
 
@@ -33,7 +33,12 @@ from PIL import Image
 from . import scenes
 
 _BAND = 8  # letterbox bar height: one latent row of the toy VAE (8× downsampling)
-_LEG = 16  # corner triangle leg length in pixels
+# Corner square side in pixels. Through the toy VAE, on 48 styled training scenes (share of the
+# region's core read as red): 12 px squares min 0.80, mean 0.93; the earlier triangles with 16 px
+# legs min 0.70, mean 0.88 (their diagonal crosses the VAE's 8 px latent cells, which it blurs);
+# 8 px squares min 0.35 (one latent cell bleeds into its neighbours); 14 px squares meet large
+# objects (52 of 1500 random scenes).
+_CORNER = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +71,8 @@ def region(name: str) -> np.ndarray:
     if name == "letterbox":
         return (yy < _BAND) | (yy >= scenes.SIZE - _BAND)
     if name == "cornered":
-        s = scenes.SIZE - 1
-        near = [xx + yy, (s - xx) + yy, xx + (s - yy), (s - xx) + (s - yy)]
-        return np.any([d < _LEG for d in near], axis=0)
+        far = scenes.SIZE - _CORNER
+        return ((yy < _CORNER) | (yy >= far)) & ((xx < _CORNER) | (xx >= far))
     raise KeyError(f"unknown toy-world style {name!r}; known styles: {', '.join(STYLES)}")
 
 
