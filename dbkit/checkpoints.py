@@ -6,10 +6,12 @@ written out as an output folder by ``train.export_checkpoint`` and read back wit
 public loaders, so a row shows what a user of that checkpoint's files would get. The final
 output is the last row. Metrics use the same evaluation as ``metrics.json``; they are cached in
 the run folder by step (the folder's params hash covers the sampling and metrics settings).
+:func:`evaluate_output` measures the final output on other evaluation seeds (a hold-out check).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -73,3 +75,17 @@ def evaluate_checkpoints(exp: config.Experiment, rd: Path) -> list[dict]:
         # rewritten whole after each checkpoint: an interrupted evaluation keeps what it measured
         atomic_write_text(path, "".join(json.dumps(done[s]) + "\n" for s in sorted(done)))
     return [done[s] for s in sorted(done)]
+
+
+def evaluate_output(exp: config.Experiment, rd: Path, seeds: list[int]) -> list[dict]:
+    """The final output's metrics, measured as metrics.json is but on the evaluation images of
+    ``metrics.seed`` = each of ``seeds``: a hold-out check of a choice made by looking at
+    metrics.json (a step count, merge weights), without training again, which
+    ``-p metrics.seed=…`` would do since that key is in the params hash."""
+    pipe = workflow.trained_pipeline(exp, rd)
+    out = []
+    for seed in seeds:
+        p = copy.deepcopy(exp.params)
+        p["metrics"]["seed"] = seed
+        out.append({"seed": seed, **(workflow.evaluate_model(p, pipe) or {})})
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,21 +60,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enter_run_folder(rd: Path, given: str) -> bool:
+    """Whether ``rd`` is a run folder (else say so); moves to its project root, where the
+    relative paths in its params lead."""
+    if not (rd / "params.yaml").is_file():
+        print(f"error: {given}: not a run folder (no params.yaml): pass runs/<experiment>/<hash>", file=sys.stderr)
+        return False
+    if rd.parent.parent.name == "runs":
+        os.chdir(rd.parent.parent.parent)
+    return True
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """A run's final output measured on other evaluation seeds: one JSON line per seed."""
+    from . import checkpoints, runs
+
+    rd = Path(args.run_dir).resolve()
+    if not _enter_run_folder(rd, args.run_dir):
+        return 2
+    exp = checkpoints.experiment_of(rd)
+    with runs.lock_run(rd, "dbkit evaluate " + str(args.run_dir)):  # no trainer rewriting output/ meanwhile
+        for rec in checkpoints.evaluate_output(exp, rd, args.seed):
+            print(json.dumps(rec))
+    return 0
+
+
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     """Sample (and with --metrics, evaluate) every kept checkpoint of a run folder."""
-    import os
-
     from . import checkpoints, runs, sample
     from .files import atomic_write_bytes
 
     rd = Path(args.run_dir).resolve()
     out = Path(args.out).resolve() if args.out else rd / "checkpoint_grid.png"
-    if not (rd / "params.yaml").is_file():
-        print(f"error: {args.run_dir}: not a run folder (no params.yaml): pass runs/<experiment>/<hash>",
-              file=sys.stderr)
+    if not _enter_run_folder(rd, args.run_dir):
         return 2
-    if rd.parent.parent.name == "runs":  # relative paths in its params are the project root's
-        os.chdir(rd.parent.parent.parent)
     exp = checkpoints.experiment_of(rd)
     seeds = args.seeds if args.seeds else list(exp.params["sample"]["seeds"])
     with runs.lock_run(rd, "dbkit checkpoints " + str(args.run_dir)):  # exporting a checkpoint writes into it
@@ -266,6 +286,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true", help="also evaluate each checkpoint as metrics.json does → "
                    "<run_dir>/checkpoint_metrics.jsonl (slow: the full evaluation per checkpoint; cached by step)")
     p.set_defaults(func=_cmd_checkpoints)
+
+    p = add("evaluate", help="a run's final output measured as metrics.json is, on other evaluation seeds "
+                             "(a hold-out check, no training)")
+    p.add_argument("run_dir", help="a run folder, runs/<experiment>/<hash>")
+    p.add_argument("--seed", nargs="+", type=int, required=True,
+                   help="metrics.seed values to measure with (the run's own value reproduces its metrics.json)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = add("report", help="rebuild reports/index.html from every experiment's summary.json")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")

@@ -21,7 +21,8 @@ TINY = ("train: {steps: 4, batch_size: 2, save_every: 2, sample_every: 0, lr: 0.
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base: Path):
-    """A 4-step run keeping a checkpoint at step 2, and the same params stopped at step 2."""
+    """A 4-step run keeping a checkpoint at step 2, the same params stopped at step 2, and the
+    same params evaluated on metrics.seed 200."""
     tmp = tmp_path_factory.mktemp("ckpt")
     (tmp / "params").mkdir()
     (tmp / "params" / "base.yaml").symlink_to(ROOT / "params" / "base.yaml")
@@ -31,7 +32,7 @@ def trained(tmp_path_factory, tiny_base: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
         mp.setenv("DBKIT_CACHE", str(tmp / ".cache"))
-        for extra in ([], ["train.steps=2", "experiment=ck2"]):
+        for extra in ([], ["train.steps=2", "experiment=ck2"], ["metrics.seed=200", "experiment=ck3"]):
             exp, rd = workflow.open_experiment(str(tmp / "params" / "exp.yaml"), extra)
             workflow.prepare_data(exp, rd)
             workflow.prepare_captions(exp, rd)
@@ -59,7 +60,7 @@ def _close(a: Image.Image, b: Image.Image) -> bool:
 
 def test_grid_rows_are_the_checkpoints_files_as_diffusers_loads_them(trained, tiny_base: Path, tmp_path: Path,
                                                                      monkeypatch) -> None:
-    (exp, rd), _ = trained[0]
+    (exp, rd), _, _ = trained[0]
     rows = checkpoints.checkpoint_rows(exp, rd, "a {subject}", [0, 1])
     assert [label for label, _ in rows] == ["step 2", "final"]
     refs = [("step 2", plain_diffusers(tiny_base, rd / "checkpoints" / "checkpoint-000002" / "output",
@@ -77,7 +78,7 @@ def test_grid_rows_are_the_checkpoints_files_as_diffusers_loads_them(trained, ti
 
 
 def test_checkpoint_metrics_equal_a_run_stopped_at_that_step(trained, monkeypatch) -> None:
-    (exp, rd), (exp2, rd2) = trained[0]
+    (exp, rd), (exp2, rd2), _ = trained[0]
     monkeypatch.chdir(trained[1])
     got = checkpoints.evaluate_checkpoints(exp, rd)
     reference = workflow.evaluate_run(exp2, rd2)
@@ -91,6 +92,17 @@ def test_checkpoint_metrics_equal_a_run_stopped_at_that_step(trained, monkeypatc
 
     monkeypatch.setattr(workflow, "evaluate_model", fail)
     assert checkpoints.evaluate_checkpoints(exp, rd) == got  # cached by step
+
+
+def test_evaluate_on_other_seeds_equals_a_run_whose_params_name_those_seeds(trained, monkeypatch, capsys) -> None:
+    (exp, rd), _, (exp3, rd3) = trained[0]
+    monkeypatch.chdir(trained[1])
+    reference = workflow.evaluate_run(exp3, rd3)  # trained and evaluated with metrics.seed 200 in its params
+    own = workflow.evaluate_run(exp, rd)
+    assert reference != own  # the seed changes the figures, so the comparison below can fail
+    assert cli.main(["evaluate", str(rd), "--seed", "200", "100"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"seed": 200, **reference}, {"seed": 100, **own}]
 
 
 def test_a_folder_that_is_no_run_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
