@@ -81,11 +81,18 @@ def evaluate_output(exp: config.Experiment, rd: Path, seeds: list[int]) -> list[
     """The final output's metrics, measured as metrics.json is but on the evaluation images of
     ``metrics.seed`` = each of ``seeds``: a hold-out check of a choice made by looking at
     metrics.json (a step count, merge weights), without training again, which
-    ``-p metrics.seed=…`` would do since that key is in the params hash."""
+    ``-p metrics.seed=…`` would do since that key is in the params hash. Refused (ValueError)
+    where the run has no final output or nothing measures it."""
+    if playground.FINAL not in playground.sources(rd):  # the loader would quietly give the base
+        raise ValueError(f"{rd}: no final output (training has not finished): finish it with "
+                         "`dbkit run`, or measure its checkpoints with `dbkit checkpoints --metrics`")
+    if not workflow.has_oracle_metrics(exp.params):
+        raise ValueError(f"{rd}: nothing measures this run's photos with metrics.backend "
+                         f"{exp.params['metrics']['backend']!r}: set metrics.backend: clip in its params")
     pipe = workflow.trained_pipeline(exp, rd)
     out = []
     for seed in seeds:
         p = copy.deepcopy(exp.params)
         p["metrics"]["seed"] = seed
-        out.append({"seed": seed, **(workflow.evaluate_model(p, pipe) or {})})
+        out.append({"seed": seed, **workflow.evaluate_model(p, pipe)})
     return out

@@ -125,13 +125,20 @@ def _acquire(path: Path, command: str) -> tuple[int, dict]:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + _HOLDER_PATIENCE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLocked(locked_message(path, _wait_for_holder(path))) from None
+            holder = _read_holder(path)
+            if _is_live(holder) or time.monotonic() >= deadline:
+                raise RunLocked(locked_message(path, holder)) from None
+            # the winner holds the lock but has not written its record yet (the file may still
+            # hold a killed run's): look again shortly rather than name nobody, or a dead pid
+            time.sleep(0.02)
+            continue
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
@@ -142,13 +149,25 @@ def _acquire(path: Path, command: str) -> tuple[int, dict]:
     return fd, holder
 
 
-def _wait_for_holder(path: Path, patience: float = 2.0) -> dict:
-    # The winner writes its record just after its flock succeeds; a loser that comes in
-    # between reads an empty file, so it waits briefly for the record rather than naming nobody.
-    deadline = time.monotonic() + patience
-    while not (holder := _read_holder(path)).get("token") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return holder
+_HOLDER_PATIENCE = 2.0  # seconds a loser waits for the lock holder's record before naming what it has
+
+
+def _is_live(holder: dict) -> bool:
+    """Whether a lock record names a running process (one on another host is taken as running)."""
+    if not holder.get("token"):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1, …) would address whole process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -426,23 +427,29 @@ fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(0.5)  # the gap between taking the lock and writing who holds it, stretched
+os.ftruncate(fd, 0)
 os.write(fd, json.dumps({"pid": os.getpid(), "host": "h", "since": "now", "command": "slow writer",
                          "token": "t"}).encode())
 time.sleep(5)
 """
 
 
-def test_a_loser_that_comes_before_the_holder_wrote_its_record_still_names_the_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(tmp_path / runs.LOCK_FILE)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runs.RunLocked, match=rf"in use by pid {holder.pid} on h since now \(`slow writer`\)"):
-            with runs.lock_run(tmp_path, "second"):
-                pass
-    finally:
-        holder.kill()
-        holder.wait()
+@pytest.mark.parametrize("left_by_a_killed_run", [False, True])
+def test_a_loser_that_comes_before_the_holder_wrote_its_record_still_names_the_holder(
+        tmp_path: Path, left_by_a_killed_run: bool) -> None:
+    lock = tmp_path / runs.LOCK_FILE
+    if left_by_a_killed_run:  # the file still names a dead process until the new holder writes
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "yesterday",
+                                    "command": "killed run", "token": "old"}))
+    with subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(lock)], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(runs.RunLocked, match=rf"in use by pid {holder.pid} on h since now \(`slow writer`\)"):
+                with runs.lock_run(tmp_path, "second"):
+                    pass
+        finally:
+            holder.kill()
 
 
 def test_run_training_refuses_a_folder_another_process_holds(world: World) -> None:

@@ -105,6 +105,19 @@ def test_evaluate_on_other_seeds_equals_a_run_whose_params_name_those_seeds(trai
     assert lines == [{"seed": 200, **reference}, {"seed": 100, **own}]
 
 
+def test_evaluate_refuses_a_run_without_final_output_rather_than_measure_the_base(trained, tmp_path: Path,
+                                                                                  monkeypatch, capsys) -> None:
+    (_, rd), _, _ = trained[0]
+    monkeypatch.chdir(tmp_path)  # the command moves to the run's project root; this restores the cwd
+    unfinished = tmp_path / "runs" / "ck" / rd.name
+    unfinished.mkdir(parents=True)
+    (unfinished / "params.yaml").write_bytes((rd / "params.yaml").read_bytes())  # checkpoints at most, no output/
+    assert cli.main(["evaluate", str(unfinished), "--seed", "200"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"{unfinished}: no final output (training has not finished)" in captured.err
+
+
 def test_a_folder_that_is_no_run_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
     assert cli.main(["checkpoints", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: not a run folder (no params.yaml): pass "

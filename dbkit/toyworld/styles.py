@@ -10,10 +10,11 @@ Here there are two, each painted over any scene in a palette colour the toy VAE 
   toy VAE shifts orange corners toward yellow (31 of 32 read through it), and orange lies 71 RGB
   units from the yellow background; red is at least 146 from every background.
 
-Objects never reach those regions (the renderer keeps them within rows 12–52, and no object of
-1500 random scenes touches a 12 px corner square), so a style never touches the subject's paint,
-and the oracle reads both independently. A style's training set is a folder of styled scenes of varied content,
-with a metadata.jsonl describing the content, like a subject's photos.
+Objects never reach those regions (the renderer keeps them within rows 12–52 and out of the
+corners; a test renders every shape, size, position and jitter), so a style never touches the
+subject's paint, and the oracle reads both independently. A style's training set is a folder of
+styled scenes of varied content, with a metadata.jsonl describing the content, like a subject's
+photos.
 """
 
 from __future__ import annotations
@@ -78,14 +79,14 @@ def region(name: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def core(name: str) -> np.ndarray:
-    """The part of the region a reader checks: its inside, away from edges a decoder blurs."""
+    """The part of the region a reader checks: two pixels in from every edge that faces the
+    picture, where a decoder blurs the style into the scene. np.roll wraps around, so the frame's
+    own border is no such edge (the top bar continues into the bottom one, a corner square into
+    the other corners): the region's pixels along the border stay in."""
     m = region(name)
     inner = m.copy()
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1), (-2, 0), (2, 0), (0, -2), (0, 2)):
         inner &= np.roll(m, (dy, dx), axis=(0, 1))
-    if name == "letterbox":  # np.roll wraps the top bar onto the bottom one: drop the seam rows
-        inner[_BAND - 2 : _BAND] = False
-        inner[scenes.SIZE - _BAND : scenes.SIZE - _BAND + 2] = False
     return inner
 
 
