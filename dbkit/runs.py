@@ -163,10 +163,10 @@ def _is_live(holder: dict) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
+    except PermissionError:  # another user's process: running
         return True
+    except (ProcessLookupError, OverflowError):
+        return False
     return True
 
 
