@@ -40,6 +40,7 @@ import html
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -948,15 +949,30 @@ def screenshot(html_path: Path, png_path: Path, *, chromium: str | None = None,
         raise FileNotFoundError("no Chromium found (install it: apt-get install -y chromium)")
     png_path = Path(png_path).resolve()
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dbkit-chromium-") as profile:
+    # Chromium's helper processes (crashpad, utility) can outlive the browser and keep writing
+    # into the profile; they run in their own session so they can be ended together before the
+    # profile is removed, and a file one of them still creates must not fail a finished screenshot.
+    with tempfile.TemporaryDirectory(prefix="dbkit-chromium-", ignore_cleanup_errors=True) as profile:
         cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                f"--user-data-dir={profile}", f"--screenshot={png_path}", f"--window-size={size[0]},{size[1]}",
                Path(html_path).resolve().as_uri()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        finally:
+            end_process_group(proc)
     if proc.returncode != 0 or not png_path.is_file():
-        raise RuntimeError(f"chromium failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"chromium failed (exit {proc.returncode}): {stderr.strip()[-2000:]}")
     return png_path
+
+
+def end_process_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with ``start_new_session=True`` and every process it spawned."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def is_blank(png_path: Path) -> bool:

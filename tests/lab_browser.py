@@ -25,6 +25,8 @@ from typing import Any
 
 import websocket
 
+from dbkit import runner
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,12 +65,14 @@ class Browser:
     """One headless Chromium page and a DevTools connection to it."""
 
     def __init__(self, chromium: str, size: tuple[int, int] = (1400, 1000)) -> None:
-        self.profile = tempfile.TemporaryDirectory(prefix="dbkit-lab-chromium-")
+        # Chromium's helpers may still write into the profile as it is removed (CI once failed on
+        # that: "Directory not empty: 'Default'"); they are ended with the browser's session.
+        self.profile = tempfile.TemporaryDirectory(prefix="dbkit-lab-chromium-", ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
              "--disable-background-networking", "--disable-component-update", "--no-first-run",
              f"--user-data-dir={self.profile.name}", f"--window-size={size[0]},{size[1]}", "about:blank"],
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
         port = None
         for line in self.proc.stderr:  # Chromium prints the port it chose
             m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
@@ -123,10 +127,7 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ws.close()
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self.proc.kill()
+        runner.end_process_group(self.proc)
         self.profile.cleanup()
 
 
