@@ -958,7 +958,7 @@ def screenshot(html_path: Path, png_path: Path, *, chromium: str | None = None,
                f"--user-data-dir={profile}", f"--screenshot={png_path}", f"--window-size={size[0]},{size[1]}",
                Path(html_path).resolve().as_uri()]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, "TMPDIR": profile})
         try:
             _, stderr = proc.communicate(timeout=timeout)
         finally:

@@ -72,7 +72,8 @@ class Browser:
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
              "--disable-background-networking", "--disable-component-update", "--no-first-run",
              f"--user-data-dir={self.profile.name}", f"--window-size={size[0]},{size[1]}", "about:blank"],
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "TMPDIR": self.profile.name})  # its org.chromium.* scratch goes with the profile
         port = None
         for line in self.proc.stderr:  # Chromium prints the port it chose
             m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
