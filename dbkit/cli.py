@@ -192,6 +192,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_trainer.bench_trainer(Path(args.diffusers_script), args.torchvision_shim or None,
                                              subject=args.subject, steps=args.steps or 200,
                                              repeats=args.repeats)
+    elif args.what == "threads":
+        from . import bench_threads
+
+        result = bench_threads.bench_threads(subject=args.subject, steps=args.steps or 300)
     else:
         result = bench.bench_dreambooth(args.subject, steps=args.steps or 1500, overrides=args.p)
     print(json.dumps(result, indent=2))
@@ -308,14 +312,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="params override")
     p.set_defaults(func=_cmd_train)
 
-    p = add("bench", help="measure: base accuracy, load time, DreamBooth signature rate, trainer speed")
-    p.add_argument("what", choices=("base", "load", "dreambooth", "trainer"))
+    p = add("bench", help="measure: base accuracy, load time, DreamBooth signature rate, trainer speed, "
+            "trainings side by side")
+    p.add_argument("what", choices=("base", "load", "dreambooth", "trainer", "threads"))
     p.add_argument("--model", default="toyworld", help="base model (toyworld or a local diffusers folder)")
     p.add_argument("--n", type=int, default=100, help="base: number of held-out captions")
     p.add_argument("--card", action="store_true", help="base: write the figures into the model's README.md")
     p.add_argument("--subject", default="eyed_heart", help="dreambooth: toy-world subject")
     p.add_argument("--steps", type=int, default=0, help="dreambooth: training steps (default 1500); trainer: "
-                   "steps of each trainer (default 200)")
+                   "steps of each trainer (default 200); threads: steps of each process (default 300)")
     p.add_argument("--diffusers-script", default="", help="trainer: path to diffusers' "
                    "examples/dreambooth/train_dreambooth_lora.py (without it: how to get it)")
     p.add_argument("--torchvision-shim", default="", help="trainer: folder put first on the script's PYTHONPATH "
