@@ -124,6 +124,7 @@ def bench_dreambooth(subject: str = "eyed_heart", steps: int = 1500, overrides: 
 
     ov.append(f"captions.class_noun={subjects.get(subject).class_noun}")
     exp = config.load(params, ov)
+    workflow.cpu_threads.apply(exp.params)
     rd = workflow.runs.run_dir(exp)
     t0 = time.time()
     workflow.prepare_data(exp, rd)

@@ -17,14 +17,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import config, playground, report, workflow
+from . import config, cpu_threads, playground, report, workflow
 from .curves import CHECKPOINT_METRICS
 from .files import atomic_write_text
 
 
 def experiment_of(rd: Path) -> config.Experiment:
-    """The experiment a run folder was trained with (its ``params.yaml``, validated again)."""
-    return config.load(Path(rd) / "params.yaml", [])
+    """The experiment a run folder was trained with (its ``params.yaml``, validated again);
+    this process computes with its thread count from here on."""
+    exp = config.load(Path(rd) / "params.yaml", [])
+    cpu_threads.apply(exp.params)
+    return exp
 
 
 def ordered_sources(rd: Path) -> list[tuple[str, str]]:

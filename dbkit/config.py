@@ -75,7 +75,7 @@ HASH_EXCLUDE_KEYS = ("train.reuse_identical",)
 # Keys added after runs existed, with the value the code had before the key: at that value they
 # stay out of the hash (every existing run keeps its folder and its committed report); any other
 # value is a different run.
-HASH_ADDED_KEYS = {"metrics.seed": 100}
+HASH_ADDED_KEYS = {"metrics.seed": 100, "threads": 0}
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -89,6 +89,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Value ranges: (low, high, low_inclusive). None = unbounded on that side.
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "seed": (0, None, True),
+    "threads": (0, None, True),
+    "ablation.workers": (1, None, True),
     "base.resolution": (8, None, True),
     "data.resolution": (8, None, True),
     "data.repeats": (1, None, True),
@@ -168,7 +170,9 @@ def params_hash(params: dict) -> str:
     dropped = list(HASH_EXCLUDE_KEYS) + [k for k, v in HASH_ADDED_KEYS.items() if _at_old_value(params, k, v)]
     for dotted in dropped:
         section, _, key = dotted.partition(".")
-        if isinstance(ident.get(section), dict):
+        if not key:  # a top-level key
+            ident.pop(section, None)
+        elif isinstance(ident.get(section), dict):
             ident[section] = {k: v for k, v in ident[section].items() if k != key}
     model = params.get("base", {}).get("model")
     if isinstance(model, str):
@@ -190,7 +194,9 @@ def with_added_keys(params: dict) -> dict:
     out = copy.deepcopy(params)
     for dotted, old in HASH_ADDED_KEYS.items():
         section, _, key = dotted.partition(".")
-        if isinstance(out.get(section), dict) and key not in out[section]:
+        if not key:
+            out.setdefault(section, old)
+        elif isinstance(out.get(section), dict) and key not in out[section]:
             out[section][key] = old
     return out
 

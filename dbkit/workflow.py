@@ -16,7 +16,22 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, framing, masks, matting, metrics, models, paths, reuse, runs, sample
+from . import (
+    config,
+    cpu_threads,
+    data,
+    export,
+    framing,
+    masks,
+    matting,
+    metrics,
+    models,
+    parallel,
+    paths,
+    reuse,
+    runs,
+    sample,
+)
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
@@ -34,6 +49,7 @@ def open_experiment(params_path: str, overrides: list[str] | None = None,
     cwd = Path.cwd()
     params_file, root = paths.enter_project(params_path)  # JupyterLab's kernel starts in notebooks/
     exp = config.load(params_file, overrides or [])
+    cpu_threads.apply(exp.params)
     rd = paths.absolute_from(run_dir, cwd, root) if run_dir else runs.run_dir(exp)
     missing = missing_inputs(rd, needs)
     if missing:
@@ -396,9 +412,46 @@ def variants(exp: config.Experiment) -> list[tuple[str, config.Experiment]]:
 
 
 def train_variant(vexp: config.Experiment, *, progress: bool = True) -> tuple[Path, dict | None]:
+    """Data, captions, training and metrics of one variant (or another params file's run), in
+    its own folder, with its own thread count."""
     vrd = runs.run_dir(vexp)
-    with runs.lock_run(vrd):  # the variant's whole run, data included, not only its training
+    # the lock covers the variant's whole run, data included, not only its training
+    with runs.lock_run(vrd), cpu_threads.applied(vexp.params):
         return _train_variant(vexp, vrd, progress=progress)
+
+
+def train_variants(named: list[tuple[str, config.Experiment]], workers: int, *,
+                   progress: bool = True) -> list[tuple[Path, dict | None]]:
+    """:func:`train_variant` of each, in order; with ``workers`` > 1, that many at once in
+    worker processes (results in the same order). A finished variant is found by its hash, so
+    what a stopped parallel run finished is not trained again."""
+    exps = [vexp for _, vexp in named]
+    if workers <= 1 or len(exps) <= 1:
+        return [train_variant(vexp, progress=progress) for vexp in exps]
+    check_parallel_threads(exps, workers)
+    return parallel.map_in_workers(train_variant_quietly, exps, workers)
+
+
+def train_variant_quietly(vexp: config.Experiment) -> tuple[Path, dict | None]:
+    """A worker's call: progress bars of processes side by side would interleave."""
+    return train_variant(vexp, progress=False)
+
+
+def check_parallel_threads(exps: list[config.Experiment], workers: int) -> None:
+    """Refuse trainings side by side on a CPU that would each spin a thread on every core:
+    together they run at about half the speed of one (dbkit bench threads)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = cpu_threads.default()
+    crowded = [e.name for e in exps if cpu_threads.count(e.params) * min(workers, len(exps)) > cores]
+    if crowded:
+        raise config.ConfigError(
+            f"ablation.workers {workers} on {cores} CPU cores: variants {', '.join(crowded)} would each use "
+            f"{cpu_threads.count(exps[0].params)} threads; set threads: {max(1, cores // workers)} (or fewer "
+            "workers): side by side, trainings that each spin a thread on every core run at about half the "
+            "speed of one (dbkit bench threads)")
 
 
 def _train_variant(vexp: config.Experiment, vrd: Path, *, progress: bool) -> tuple[Path, dict | None]:
@@ -418,8 +471,8 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     rows: list[dict] = [{"label": "base", "run_dir": None, "metrics": evaluate_base(p)}]
     main_metrics = current_metrics(exp, rd)
     rows.append({"label": f"{exp.name} (this run)", "run_dir": str(rd), "metrics": main_metrics})
-    for label, vexp in variants(exp):
-        vrd, m = train_variant(vexp, progress=progress)
+    named = variants(exp)
+    for (label, vexp), (vrd, m) in zip(named, train_variants(named, p["ablation"]["workers"], progress=progress)):
         rows.append({"label": label, "run_dir": str(vrd), "metrics": m, "hash": vexp.hash})
     s = p["sample"]
     path, family = base_of(p)

@@ -448,3 +448,26 @@ def test_a_key_added_later_keeps_old_run_hashes_at_its_old_behaviour() -> None:
     assert config.params_hash(p) == config.params_hash(without)
     assert config.params_hash(p)[:12] == "386e5f2d6354"  # the committed reports/notes-merge version
     assert load(MERGE, ["metrics.seed=200"]).hash != load(MERGE).hash
+
+
+def test_threads_enter_the_hash_only_once_set() -> None:
+    """`threads` came after every committed run: at 0 (torch's default, what those runs used)
+    the hash is the one computed without the key; a set count is another run."""
+    import copy
+
+    MERGE = Path(__file__).resolve().parent.parent / "params" / "notes" / "merge.yaml"
+
+    p = load(MERGE).params
+    without = copy.deepcopy(p)
+    del without["threads"]
+    assert config.params_hash(p) == config.params_hash(without)
+    assert config.params_hash(p)[:12] == "386e5f2d6354"  # the committed reports/notes-merge version
+    assert load(MERGE, ["threads=1"]).hash != load(MERGE).hash != load(MERGE, ["threads=2"]).hash
+    assert config.with_added_keys(without)["threads"] == 0
+
+
+def test_threads_and_workers_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'threads'"):
+        load(exp_file(tmp_path, threads=-1))
+    with pytest.raises(ConfigError, match=r"'ablation.workers'"):
+        load(exp_file(tmp_path, ablation={"workers": 0}))

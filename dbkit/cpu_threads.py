@@ -1,0 +1,54 @@
+"""The run's CPU thread count (params ``threads``), applied where a stage starts.
+
+torch splits a CPU float sum across its threads, so the count can change a result (a
+chaotic run lands elsewhere with one thread than with two) while what else runs on the
+machine cannot; ``dbkit bench threads`` measures both. ``threads: 0`` keeps torch's own
+default (one thread per core), which this module remembers before it first changes it, so a
+process that ran a one-thread variant goes back to the default for the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_default: int | None = None
+
+
+def default() -> int:
+    """torch's thread count before dbkit first set one in this process."""
+    global _default
+    import torch
+
+    if _default is None:
+        _default = torch.get_num_threads()
+    return _default
+
+
+def count(p: dict) -> int:
+    """The threads a run of params ``p`` computes with."""
+    return p.get("threads") or default()
+
+
+def apply(p: dict) -> None:
+    """From here on this process computes with ``p``'s thread count."""
+    import torch
+
+    n = count(p)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def applied(p: dict) -> Iterator[None]:
+    """``p``'s thread count inside the block (an ablation variant's), the previous one after."""
+    import torch
+
+    default()
+    before = torch.get_num_threads()
+    apply(p)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
