@@ -27,7 +27,15 @@ def default() -> int:
 
 def count(p: dict) -> int:
     """The threads a run of params ``p`` computes with."""
-    return p.get("threads") or default()
+    fallback = default()  # remembered before the first change, also when ``p`` sets a count
+    return p.get("threads") or fallback
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0))
 
 
 def apply(p: dict) -> None:

@@ -444,7 +444,7 @@ def check_parallel_threads(exps: list[config.Experiment], workers: int) -> None:
 
     if torch.cuda.is_available():
         return
-    cores = cpu_threads.default()
+    cores = cpu_threads.cores()
     crowded = [e.name for e in exps if cpu_threads.count(e.params) * min(workers, len(exps)) > cores]
     if crowded:
         raise config.ConfigError(

@@ -74,3 +74,16 @@ def test_a_variants_thread_count_is_put_back():
     assert torch.get_num_threads() == before
     cpu_threads.apply({"threads": 0})
     assert torch.get_num_threads() == cpu_threads.default() == before
+
+
+def test_the_default_is_remembered_before_a_run_first_sets_a_count(monkeypatch):
+    """A notebook's kernel applies its run's `threads: 1` first thing; torch's own count must
+    still be known afterwards (a later run at threads 0; the workers' check)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu_threads, "_default", None)  # a fresh process
+    try:
+        cpu_threads.apply({"threads": 1})
+        assert cpu_threads.default() == before
+    finally:
+        torch.set_num_threads(before)
+
