@@ -126,6 +126,7 @@ def test_reuse_identical_is_outside_the_hash(in_tmp: Path) -> None:
     ident = {k: v for k, v in on.params.items() if k not in config.HASH_EXCLUDE}
     ident["train"] = {k: v for k, v in ident["train"].items() if k != "reuse_identical"}
     ident["metrics"] = {k: v for k, v in ident["metrics"].items() if k != "seed"}  # added later, at its old 100
+    assert ident.pop("threads") == 0  # added later too, at its old 0
     ident["base_fingerprint"] = workflow.models.fingerprint(on.params["base"]["model"])
     ident["data_fingerprint"] = workflow.data.data_fingerprint(on.params)
     assert on.hash == off.hash == config.stable_hash(ident)
