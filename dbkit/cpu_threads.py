@@ -3,8 +3,9 @@
 torch splits a CPU float sum across its threads, so the count can change a result (a
 chaotic run lands elsewhere with one thread than with two) while what else runs on the
 machine cannot; ``dbkit bench threads`` measures both. ``threads: 0`` keeps torch's own
-default (one thread per core), which this module remembers before it first changes it, so a
-process that ran a one-thread variant goes back to the default for the next run.
+default (torch picks it, usually one thread per physical core), which this module remembers
+before it first changes it, so a process that ran a one-thread variant goes back to the
+default for the next run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def cache_fields(p: dict) -> dict:
+    """What a cache key adds for ``p``'s thread count: nothing at 0 (the keys, and so the
+    entries, of every run before ``threads`` existed), the count once set, so that a pinned
+    run never reuses class images, base metrics or merges computed with another count."""
+    return {"threads": p["threads"]} if p.get("threads") else {}
 
 
 def apply(p: dict) -> None:

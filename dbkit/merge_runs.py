@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, data, export, merge, metrics, models, report, runs, sample, train, workflow, ziplora
+from . import config, cpu_threads, data, export, merge, metrics, models, report, runs, sample, train, workflow, ziplora
 from .files import atomic_write_bytes, atomic_write_json, read_json
 
 
@@ -59,7 +59,7 @@ def cache_key(exp: config.Experiment, sources: list[Source]) -> dict:
     path, _ = workflow.base_of(p)
     return {"merge": p["merge"], "sources": [data.file_digest(_lora_file(s)) for s in sources],
             "base": models.fingerprint(str(path)), "sample": p["sample"], "metrics": p["metrics"],
-            "seed": p["seed"], "v": 1}
+            "seed": p["seed"], "v": 1, **cpu_threads.cache_fields(p)}
 
 
 def _weights(p: dict, n: int) -> list[float]:

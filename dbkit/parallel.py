@@ -23,11 +23,14 @@ def _claim_device(devices) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
-def map_in_workers(fn: Callable[[Any], Any], items: list, workers: int) -> list:
-    """``[fn(x) for x in items]``, ``workers`` at a time, each worker a fresh process. An
-    item that fails raises here once the others have finished."""
+def map_in_workers(fn: Callable[[Any], Any], items: list, workers: int, *, names: list[str] | None = None) -> list:
+    """``[fn(x) for x in items]``, ``workers`` at a time, each worker a fresh process. The
+    first item that fails raises here; items not started by then are not started, running
+    ones finish. A worker that dies (killed, out of memory) is reported with the ``names``
+    of the items that were given to the pool."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -35,6 +38,11 @@ def map_in_workers(fn: Callable[[Any], Any], items: list, workers: int) -> list:
     devices = ctx.Queue()
     for device in device_ids(workers, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()):
         devices.put(device)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_claim_device,
-                             initargs=(devices,)) as pool:
-        return list(pool.map(fn, items))
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_claim_device,
+                                 initargs=(devices,)) as pool:
+            return list(pool.map(fn, items))
+    except BrokenProcessPool as e:
+        listed = ", ".join(names or [repr(x) for x in items])
+        raise RuntimeError(f"a worker process died (killed, or out of memory?) while working on: {listed}. "
+                           "What finished is kept; run again to do the rest, or with fewer workers") from e

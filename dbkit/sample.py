@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import cpu_threads
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .runs import cache_path
 
@@ -63,7 +64,7 @@ def class_images(load_pipe, base_id: str, p: dict, prompts: str | list[str]) -> 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     key = {"base": base_id, "prompt": prompts[0] if len(prompts) == 1 else prompts, "negative": pr["negative_prompt"],
            "n": pr["num_images"], "seed": pr["seed"], "steps": pr["steps"], "guidance": pr["guidance"],
-           "size": p["data"]["resolution"]}
+           "size": p["data"]["resolution"], **cpu_threads.cache_fields(p)}
     folder = cache_path("class_images", key)
     done = read_json(folder / "done.json")
     if done == key:

@@ -50,6 +50,8 @@ def open_experiment(params_path: str, overrides: list[str] | None = None,
     params_file, root = paths.enter_project(params_path)  # JupyterLab's kernel starts in notebooks/
     exp = config.load(params_file, overrides or [])
     cpu_threads.apply(exp.params)
+    if exp.params["ablation"]["workers"] > 1 and stage != "report":  # refused before 01_data works, not at 04
+        check_parallel_threads([vexp for _, vexp in variants(exp)], exp.params["ablation"]["workers"])
     rd = paths.absolute_from(run_dir, cwd, root) if run_dir else runs.run_dir(exp)
     missing = missing_inputs(rd, needs)
     if missing:
@@ -386,7 +388,8 @@ def evaluate_base(p: dict) -> dict | None:
     key = {"base": str(path), "fingerprint": models.fingerprint(str(path)),
            "instance": p["data"]["instance_images"], "data": data.data_fingerprint(p),
            "captions": cap.effective_params(p)["captions"],
-           "sample": p["sample"], "metrics": p["metrics"], "res": p["base"]["resolution"], "v": 2}
+           "sample": p["sample"], "metrics": p["metrics"], "res": p["base"]["resolution"], "v": 2,
+           **cpu_threads.cache_fields(p)}
     cached = runs.cache_path("base_metrics", key) / "metrics.json"
     if (hit := read_json(cached)) is not None:
         return hit
@@ -423,13 +426,19 @@ def train_variant(vexp: config.Experiment, *, progress: bool = True) -> tuple[Pa
 def train_variants(named: list[tuple[str, config.Experiment]], workers: int, *,
                    progress: bool = True) -> list[tuple[Path, dict | None]]:
     """:func:`train_variant` of each, in order; with ``workers`` > 1, that many at once in
-    worker processes (results in the same order). A finished variant is found by its hash, so
-    what a stopped parallel run finished is not trained again."""
+    worker processes (results in the same order). Variants that name the same run folder are
+    trained once. A finished variant is found by its hash, so what a stopped parallel run
+    finished is not trained again."""
     exps = [vexp for _, vexp in named]
     if workers <= 1 or len(exps) <= 1:
         return [train_variant(vexp, progress=progress) for vexp in exps]
     check_parallel_threads(exps, workers)
-    return parallel.map_in_workers(train_variant_quietly, exps, workers)
+    folders = [runs.run_dir(vexp) for vexp in exps]
+    first = [k for k, f in enumerate(folders) if folders.index(f) == k]
+    done = parallel.map_in_workers(train_variant_quietly, [exps[k] for k in first], workers,
+                                   names=[str(folders[k]) for k in first])
+    by_folder = {folders[k]: result for k, result in zip(first, done)}
+    return [by_folder[f] for f in folders]
 
 
 def train_variant_quietly(vexp: config.Experiment) -> tuple[Path, dict | None]:
@@ -438,20 +447,25 @@ def train_variant_quietly(vexp: config.Experiment) -> tuple[Path, dict | None]:
 
 
 def check_parallel_threads(exps: list[config.Experiment], workers: int) -> None:
-    """Refuse trainings side by side on a CPU that would each spin a thread on every core:
-    together they run at about half the speed of one (dbkit bench threads)."""
+    """Refuse trainings side by side on a CPU that would together want more threads than it
+    has cores: trainings that each spin a thread on every core run at about half the speed
+    of one (dbkit bench threads). Checked when a run opens (before any stage works) and again
+    before the variants start."""
     import torch
 
-    if torch.cuda.is_available():
+    side = min(workers, len(exps))
+    if side <= 1 or torch.cuda.is_available():
         return
     cores = cpu_threads.cores()
-    crowded = [e.name for e in exps if cpu_threads.count(e.params) * min(workers, len(exps)) > cores]
-    if crowded:
-        raise config.ConfigError(
-            f"ablation.workers {workers} on {cores} CPU cores: variants {', '.join(crowded)} would each use "
-            f"{cpu_threads.count(exps[0].params)} threads; set threads: {max(1, cores // workers)} (or fewer "
-            "workers): side by side, trainings that each spin a thread on every core run at about half the "
-            "speed of one (dbkit bench threads)")
+    crowded = [f"{e.name} ({cpu_threads.count(e.params)})" for e in exps if cpu_threads.count(e.params) * side > cores]
+    if not crowded:
+        return
+    fix = (f"set threads: {cores // side} (top level)" if side <= cores
+           else f"set ablation.workers to at most {cores}, and threads: 1")
+    raise config.ConfigError(
+        f"ablation.workers {workers}: {side} trainings side by side on {cores} CPU cores, but these variants "
+        f"would use more threads than that (threads each): {', '.join(crowded)}; {fix}. Trainings that "
+        "each spin a thread on every core run at about half the speed of one (dbkit bench threads)")
 
 
 def _train_variant(vexp: config.Experiment, vrd: Path, *, progress: bool) -> tuple[Path, dict | None]:

@@ -30,6 +30,7 @@ def _trained(workers: int) -> list[tuple[Path, dict | None]]:
     return workflow.train_variants(workflow.variants(exp), exp.params["ablation"]["workers"], progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="thread counts are a CPU matter")
 def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
     _project(tmp_path / "serial", monkeypatch)
     serial = _trained(1)
@@ -37,7 +38,13 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
 
     calls = []
     real = parallel.map_in_workers
-    monkeypatch.setattr(parallel, "map_in_workers", lambda fn, items, n: calls.append(n) or real(fn, items, n))
+    monkeypatch.setattr(parallel, "map_in_workers",
+                        lambda fn, items, n, **kw: calls.append(n) or real(fn, items, n, **kw))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a variant trained in the test's own process")
+
+    monkeypatch.setattr(workflow, "_train_variant", not_here)  # spawned workers import the real one
     _project(tmp_path / "side_by_side", monkeypatch)
     side = _trained(2)
     assert calls == [2]
@@ -52,13 +59,33 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
     assert {v.shape[0] for k, v in ranks[0].items() if "lora_A" in k} == {4}  # the rank-4 variant is rank 4
 
 
-def test_workers_that_would_each_use_every_core_are_refused(in_tmp):
-    exp = config.load("params/notes/parent.yaml", [*TINY[1:], "ablation.workers=2"])  # threads: 0
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is for CPUs")
-    with pytest.raises(config.ConfigError, match=r"ablation.workers 2 on \d+ CPU cores: .*set threads: \d"):
+def test_workers_that_would_each_use_every_core_are_refused_when_the_run_opens(in_tmp):
+    if torch.cuda.is_available() or cpu_threads.default() * 2 <= cpu_threads.cores():
+        pytest.skip("the refusal is for CPUs whose threads two trainings would oversubscribe")
+    refused = (r"ablation.workers 2: 2 trainings side by side on \d+ CPU cores, "
+               r".*: parent__rank-4 \(\d+\), parent__hot .*; set threads: \d")
+    args = [*TINY[1:], "ablation.workers=2"]  # threads: 0
+    with pytest.raises(config.ConfigError, match=refused):
+        workflow.open_experiment("params/notes/parent.yaml", args, stage="data")  # 01_data's first call
+    exp = config.load("params/notes/parent.yaml", args)
+    with pytest.raises(config.ConfigError, match=refused):
         workflow.train_variants(workflow.variants(exp), 2, progress=False)
-    assert not (in_tmp / "runs").exists()  # refused before anything was made
+    assert not (in_tmp / "runs" / exp.name).exists()  # refused before anything was made
+    workflow.open_experiment("params/notes/parent.yaml", args, stage="report")  # a finished run's report renders
+
+
+def test_variants_naming_one_folder_are_trained_once(in_tmp, monkeypatch):
+    """A vary value and a named variant with the same overrides land in the same folder: one
+    after another the second finds the first finished; side by side it would find it locked."""
+    exp = config.load("params/notes/parent.yaml", [*TINY[:1], "ablation.vary={train.lr: [0.004]}",
+                                                   "ablation.variants={lr-0.004: {train.lr: 0.004}}"])
+    named = workflow.variants(exp)
+    assert runs.run_dir(named[0][1]) == runs.run_dir(named[1][1])
+    given = []
+    monkeypatch.setattr(parallel, "map_in_workers",
+                        lambda fn, items, n, **kw: given.extend(items) or [(runs.run_dir(x), {"m": 1}) for x in items])
+    out = workflow.train_variants(named, 2, progress=False)
+    assert len(given) == 1 and out == [out[0], out[0]]
 
 
 def test_each_worker_gets_its_own_gpu_from_the_users_list():
