@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import cpu_threads
 from . import model_folders as mf
 from .data import file_digest, open_rgb
 from .files import atomic_write_json, read_json
@@ -49,6 +50,7 @@ def describe(entries: list[dict], p: dict) -> list[dict]:
     ``{"tagger_tags", "tag_scores"}`` from wd14, ``{"sentence"}`` from transformers, and
     ``from_cache`` (True when no model ran for that photo)."""
     c = p["captions"]
+    pinned = cpu_threads.cache_fields(p)  # a run with `threads` set: its own cache entries
     out: list[dict[str, Any]] = [{"from_cache": True} for _ in entries]
     for section in SECTIONS[c["source"]]:
         folder = c[section]["model"]
@@ -57,7 +59,7 @@ def describe(entries: list[dict], p: dict) -> list[dict]:
             raise CaptionModelError(problem)
         fp = mf.fingerprint(section, folder)
         run = _tag if section == mf.WD14 else _caption
-        results, hits = run(entries, folder, fp, c[section])
+        results, hits = run(entries, folder, fp, c[section], pinned)
         for o, r, hit in zip(out, results, hits):
             o.update(r)
             o["from_cache"] = o["from_cache"] and hit
@@ -89,13 +91,15 @@ def _cached(kind: str, key: dict, compute) -> tuple[Any, bool]:
 class Wd14Tagger:
     """A WD14 ONNX tagger from a local folder (``model.onnx`` + ``selected_tags.csv``)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, threads: int = 0):
         import onnxruntime as ort
 
         folder = Path(folder)
         self.names, self.categories = read_labels(folder / "selected_tags.csv")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # 0 = onnxruntime's choice
+        # the run's `threads` where set (a float sum split otherwise can move a score); else as
+        # OMP_NUM_THREADS says, and 0 = onnxruntime's choice
+        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [x for x in wanted if x in ort.get_available_providers()]
         try:
@@ -171,19 +175,20 @@ def tag_text(name: str, underscores: str) -> str:
     return name.replace("_", " ")
 
 
-def _tag(entries: list[dict], folder: str, fp: str | None, s: dict) -> tuple[list[dict], list[bool]]:
+def _tag(entries: list[dict], folder: str, fp: str | None, s: dict,
+         pinned: dict) -> tuple[list[dict], list[bool]]:
     tagger: list[Wd14Tagger] = []  # loaded on the first cache miss only
 
     def probs_of(entry: dict) -> list[float]:
         if not tagger:
-            tagger.append(Wd14Tagger(folder))
+            tagger.append(Wd14Tagger(folder, pinned.get("threads", 0)))
         return tagger[0].probabilities(open_rgb(Path(entry["file"]))).tolist()
 
     names, categories = read_labels(Path(folder) / "selected_tags.csv")
     results, hits = [], []
     for e in entries:
         # the probabilities are cached, not the thresholded tags: a threshold sweep reruns no model
-        key = {"image": _digest(e), "model": fp, "prep": WD14_PREP}
+        key = {"image": _digest(e), "model": fp, "prep": WD14_PREP, **pinned}
         probs, hit = _cached("wd14", key, lambda e=e: probs_of(e))
         if len(probs) != len(names):
             raise CaptionModelError(f"'captions.wd14.model': {folder}: {len(probs)} probabilities for "
@@ -229,7 +234,8 @@ class ImageToText:
         return self.processor.batch_decode(out, skip_special_tokens=True)[0].strip()
 
 
-def _caption(entries: list[dict], folder: str, fp: str | None, s: dict) -> tuple[list[dict], list[bool]]:
+def _caption(entries: list[dict], folder: str, fp: str | None, s: dict,
+             pinned: dict) -> tuple[list[dict], list[bool]]:
     model: list[ImageToText] = []  # loaded on the first cache miss only
 
     def sentence_of(entry: dict) -> str:
@@ -240,7 +246,7 @@ def _caption(entries: list[dict], folder: str, fp: str | None, s: dict) -> tuple
     settings = {k: s[k] for k in ("max_new_tokens", "num_beams", "prompt", "seed")}
     results, hits = [], []
     for e in entries:
-        sentence, hit = _cached("captioner", {"image": _digest(e), "model": fp, **settings},
+        sentence, hit = _cached("captioner", {"image": _digest(e), "model": fp, **settings, **pinned},
                                 lambda e=e: sentence_of(e))
         results.append({"sentence": sentence})
         hits.append(hit)

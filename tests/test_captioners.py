@@ -207,6 +207,19 @@ def test_wd14_cache_is_by_content(tmp_path: Path, tagger, cache, monkeypatch: py
     captioners.describe(entries[1:], p)
     assert len(calls) == 4
     assert len(list((cache / "wd14").iterdir())) == 4  # a, b, changed a, b with the new model
+    # a run pinned to a thread count computes its own probabilities, with that many onnxruntime threads
+    threads: list[int] = []
+    opened = onnxruntime.InferenceSession.__init__
+
+    def session(self, path, opts=None, *a, **k):
+        threads.append(opts.intra_op_num_threads)
+        return opened(self, path, opts, *a, **k)
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "__init__", session)
+    [pinned] = captioners.describe(entries[1:], params(["captions.source=wd14", f"captions.wd14.model={folder}",
+                                                        "threads=1"]))
+    assert len(calls) == 5 and not pinned["from_cache"] and threads == [1]
+    assert len(list((cache / "wd14").iterdir())) == 5
 
 
 def test_wd14_files_from_different_taggers_are_refused(tmp_path: Path, tagger, cache) -> None:
