@@ -15,7 +15,6 @@ the OpenMP runtime torch was built with), measured in minutes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench_trainer import dbkit_command, log_points, steady_rate
+from .bench_trainer import dbkit_command, dbkit_env, log_points, steady_rate
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,9 @@ def settings(cores: int) -> list[Setting]:
 
 
 def losses(log: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in log.read_text().splitlines() if line.strip()]
+    from .runs import read_log
+
+    return [rec["loss"] for rec in read_log(log)]
 
 
 def summarise(setting: Setting, rates: list[float], logs: list[list[float]], ref_rate: float,
@@ -65,15 +66,13 @@ def summarise(setting: Setting, rates: list[float], logs: list[list[float]], ref
 
 def run_setting(setting: Setting, work: Path, photos: Path, *, steps: int, noun: str) -> tuple[list[Path], float]:
     """Start the setting's processes together, each in its own project root; their logs."""
-    base = dict(os.environ)
-    base["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), base.get("PYTHONPATH", "")])
     procs, roots = [], []
     t0 = time.time()
     for k in range(setting.processes):
         root = work / f"p{k}"
         root.mkdir(parents=True)
-        env = base | setting.env | {"OMP_NUM_THREADS": str(setting.threads), "DBKIT_ROOT": str(root)}
-        out = open(work / f"p{k}.log", "w")  # closed by the process's exit below
+        env = dbkit_env(root) | setting.env | {"OMP_NUM_THREADS": str(setting.threads)}
+        out = open(work / f"p{k}.log", "w")  # closed once its process has exited, below
         procs.append((subprocess.Popen(dbkit_command(photos, steps, 4, 8, 64, noun), env=env, stdout=out,
                                        stderr=subprocess.STDOUT), out))
         roots.append(root)

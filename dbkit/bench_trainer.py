@@ -85,6 +85,13 @@ def dbkit_command(photos: Path, steps: int, batch: int, rank: int, res: int, nou
     return [sys.executable, "-m", "dbkit.cli", "train", str(params)] + [x for o in ov for x in ("-p", o)]
 
 
+def dbkit_env(root: Path) -> dict[str, str]:
+    """The environment of a `dbkit train` subprocess in its own project root, importing this dbkit."""
+    env = dict(os.environ, DBKIT_ROOT=str(root))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
 def script_command(script: Path, base: Path, folder: Path, out: Path, steps: int, batch: int, rank: int,
                    res: int, lr: float, noun: str = "heart") -> list[str]:
     """The script's own defaults otherwise: the instance prompt is dbkit's fixed caption."""
@@ -110,8 +117,7 @@ def run_dbkit(work: Path, photos: Path, steps: int, batch: int, rank: int, res: 
               noun: str) -> tuple[float, float]:
     """(steady steps/s, wall seconds) of `dbkit train` in a fresh project root (nothing reused)."""
     (work / "root").mkdir()
-    env = dict(os.environ, DBKIT_ROOT=str(work / "root"))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    env = dbkit_env(work / "root")
     wall = _timed(dbkit_command(photos, steps, batch, rank, res, noun), env, work / "dbkit.log")
     return steady_rate(log_points(next((work / "root" / "runs").rglob("train_log.jsonl"))), skip), wall
 

@@ -60,9 +60,8 @@ def applied(p: dict) -> Iterator[None]:
     """``p``'s thread count inside the block (an ablation variant's), the previous one after."""
     import torch
 
-    default()
     before = torch.get_num_threads()
-    apply(p)
+    apply(p)  # remembers torch's default first, if nothing had yet
     try:
         yield
     finally:
