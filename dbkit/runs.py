@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from . import hardware
 from .config import Experiment
 from .files import atomic_write_json, atomic_write_text, read_json
 from .hashing import cache_path, stable_hash  # noqa: F401  (runs.cache_path is public)
@@ -293,20 +294,31 @@ def _device() -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _dirty_files(status: str | None) -> list[str]:
+    """The paths `git status --porcelain` lists (at most 20): what made a record dirty."""
+    if not status:
+        return []
+    return [line[3:] for line in status.splitlines() if line.strip()][:20]
+
+
 def provenance(exp: Experiment) -> dict:
     """Everything needed to say what produced a stage of a run: code version, environment,
     params hash, data fingerprint, seed, time."""
     from .data import data_fingerprint
 
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
+    # reports/ is left out: every run rewrites the tracked reports/index.html, so counting it
+    # would mark every run dirty and the flag would say nothing about the code
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)reports")
     return {
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(status.strip()) if status is not None else None,
+        "dirty_files": _dirty_files(status),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in _PACKAGES},
         "device": _device(),
+        "hardware": hardware.describe(),
         "params_hash": exp.hash,
         "data_fingerprint": data_fingerprint(exp.params),
         "seed": exp.params["seed"],
