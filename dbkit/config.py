@@ -72,6 +72,16 @@ HASH_EXCLUDE = ("notes", "experiment", "ablation", "merge", "report")
 # whether a finished identical run is copied or retrained, not what the model is, and adding
 # it to base.yaml must not rename every existing run folder.
 HASH_EXCLUDE_KEYS = ("train.reuse_identical",)
+# Sections outside the run hash that still change what a report shows: the variants trained
+# beside the main run, the merges, how the report reads the run. They name the report
+# *version* (with the run hash), so an edited experiment publishes a new version instead of
+# overwriting the one that holds the earlier table, while every training stays keyed by its
+# own run hash (an added variant trains that variant only).
+VERSION_SECTIONS = ("ablation", "merge", "report")
+# ...but not how many processes compute the variants: two workers give the serial path's
+# tables to the last digit (tests/test_parallel_variants.py), so changing it is no new result.
+VERSION_EXCLUDE_KEYS = ("ablation.workers",)
+
 # Keys added after runs existed, with the value the code had before the key: at that value they
 # stay out of the hash (every existing run keeps its folder and its committed report); any other
 # value is a different run.
@@ -182,6 +192,19 @@ def params_hash(params: dict) -> str:
     models = caption_models(params)
     if models:  # other weights in the same folder give other captions: a new run
         ident["caption_models"] = {s: model_folders.fingerprint(s, folder) for s, folder in models.items()}
+    return stable_hash(ident)
+
+
+def version_hash(params: dict, run_hash: str) -> str:
+    """The report version's identity: the run hash plus :data:`VERSION_SECTIONS` (less
+    :data:`VERSION_EXCLUDE_KEYS`). Everything that changes what a report shows changes it."""
+    ident: dict[str, Any] = {"run": run_hash}
+    for section in VERSION_SECTIONS:
+        ident[section] = copy.deepcopy(params.get(section))
+    for dotted in VERSION_EXCLUDE_KEYS:
+        section, _, key = dotted.partition(".")
+        if isinstance(ident.get(section), dict):
+            ident[section].pop(key, None)
     return stable_hash(ident)
 
 
@@ -1130,6 +1153,12 @@ class Experiment:
     hash: str
     _parent: dict | None = dataclasses.field(default=None, repr=False, compare=False)
     _check_files: bool = dataclasses.field(default=True, repr=False, compare=False)
+
+    @property
+    def version(self) -> str:
+        """The report version's hash (:func:`version_hash`): the run hash plus the ablation,
+        merge and report sections, so that an edited experiment is a new report version."""
+        return version_hash(self.params, self.hash)
 
     def get(self, dotted: str) -> Any:
         """``exp.get("train.lora.rank")``; KeyError (with a suggestion) for an unknown key."""

@@ -5,8 +5,10 @@ parameters — ``params_path``, ``overrides`` and ``run_dir`` — and hands resu
 through files in the run folder, never through Python state. The params are validated
 before anything runs, so a typo costs a second, not a training run.
 
-Reports are versioned by params hash and never overwritten by other params. Under
-``reports/<experiment>/<hash[:12]>/`` (a *version*):
+Reports are versioned and never overwritten by other params. A version is named by
+:func:`dbkit.config.version_hash`: the run's params hash plus its ablation, merge and report
+sections, so editing an experiment's variants or merge weights publishes a new version
+beside the old one. Under ``reports/<experiment>/<version[:12]>/`` (a *version*):
 
 - ``<nb>.ipynb``: the executed notebook (with its code, for debugging);
 - ``<nb>.html``: the same without code cells or prompts, self-contained (see below);
@@ -425,7 +427,9 @@ def run_command(params_path: str | Path, overrides: list[str], only: list[str] |
 
 @dataclass(frozen=True)
 class ReportSet:
-    """The report folders of one experiment and params hash (see the module docstring)."""
+    """The report folders of one experiment and report version (see the module docstring).
+    ``hash`` is the version hash (config.version_hash): the run hash plus ablation, merge and
+    report, so that an edited experiment never overwrites the version of its earlier table."""
 
     root: Path
     name: str
@@ -620,7 +624,8 @@ def _no_interrupt() -> Iterator[None]:
 
 
 def _version_info(run: _Run, status: str, failed: str = "") -> dict:
-    info = {"experiment": run.exp.name, "hash": run.exp.hash, "params_file": str(run.parameters["params_path"]),
+    info = {"experiment": run.exp.name, "hash": run.exp.hash, "version": run.exp.version,
+            "params_file": str(run.parameters["params_path"]),
             "overrides": run.parameters["overrides"], "command": run.command, "status": status,
             "published": runs.utc_now()}
     return info | ({"failed": failed} if failed else {})
@@ -694,7 +699,7 @@ def run_experiment(params_path: str | Path, overrides: list[str] | None = None, 
     nb_dir = find_notebooks(notebooks_dir, selected)
     command = run_command(params_path, overrides, only, reports_root, notebooks_dir)
     rdir = runs.run_dir(exp)  # each notebook records its own stage's provenance there
-    run = _Run(exp, ReportSet(Path(reports_root), exp.name, exp.hash), rdir, nb_dir, selected, command,
+    run = _Run(exp, ReportSet(Path(reports_root), exp.name, exp.version), rdir, nb_dir, selected, command,
                {"params_path": str(params_path), "overrides": overrides, "run_dir": str(rdir)})
     with runs.lock_run(rdir, command) as holder:
         _open_stage(run.reports)
@@ -875,7 +880,9 @@ def _ranking_table(rows: list[_Row], rank_by: str | None, project: Path) -> str:
         hypo += index_tables.stale_html(index_tables.conclusion_check(s, project))
         cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
                         f"{_fmt_metric(_summary_metrics(r).get(n))}</td>" for n in names)
-        h = html.escape(str(s.get("hash") or "")[:12])
+        # the version folder names what the row shows (run + ablation + merge); an older
+        # dbkit's flat folder has only the run hash
+        h = html.escape(r.version or str(s.get("hash") or "")[:12])
         # ISO timestamps shown to the minute; anything else as written
         date = str(s.get("date") or time.strftime("%Y-%m-%dT%H:%M", time.localtime(r.mtime)))
         date = html.escape(date[:16].replace("T", " ") if re.match(r"\d{4}-\d\d-\d\dT", date) else date)
@@ -884,7 +891,7 @@ def _ranking_table(rows: list[_Row], rank_by: str | None, project: Path) -> str:
     if not rows:
         body.append(f'<tr><td colspan="{5 + len(names)}">No experiment has a summary yet: '
                     "run <code>dbkit run params/&lt;experiment&gt;.yaml</code>.</td></tr>")
-    return (f"<table><thead><tr><th>experiment</th><th>hypothesis</th>{head}<th>params hash</th><th>date</th>"
+    return (f"<table><thead><tr><th>experiment</th><th>hypothesis</th>{head}<th>version</th><th>date</th>"
             f"<th>other versions</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 

@@ -1,8 +1,10 @@
 """Run many experiments in order (`dbkit run params/notes/*.yaml`): skip the ones already
 published with the same params hash, go on past a failed one, and summarise.
 
-"Finished" means what a reader can see: ``reports/<experiment>/<hash12>/version.json`` says
-status ok and lists all five notebooks. A run folder with a trained model but no published
+"Finished" means what a reader can see: ``reports/<experiment>/<version12>/version.json`` says
+status ok and lists all five notebooks. The version hash covers the run hash and the ablation,
+merge and report sections (config.version_hash), so an edited experiment runs again into a new
+version; its trainings are still reused by their own run hashes. A run folder with a trained model but no published
 report is not finished (its report is rendered, reusing the trained model).
 """
 
@@ -30,7 +32,7 @@ class Outcome:
 def published(params_path: str | Path, overrides: list[str], reports_root: Path) -> Path | None:
     """The report version of these params when it was published complete, else None."""
     exp = config.load(params_path, overrides)
-    version = runner.ReportSet(Path(reports_root), exp.name, exp.hash).version
+    version = runner.ReportSet(Path(reports_root), exp.name, exp.version).version
     info = read_json(version / runner.VERSION_FILE) or {}
     complete = info.get("status") == "ok" and set(info.get("notebooks", [])) >= set(runner.NOTEBOOKS)
     return version if complete else None

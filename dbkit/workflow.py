@@ -560,6 +560,7 @@ def summarise(exp: config.Experiment, rd: Path) -> dict:
         "experiment": exp.name,
         "params_file": str(exp.path),
         "hash": exp.hash,
+        "version": exp.version,  # the report version: run hash + ablation, merge, report
         "notes": exp.params["notes"],
         "vary": ab["vary"],
         "variants": ab.get("variants", {}),

@@ -65,11 +65,16 @@ class World:
     root: Path
     monkeypatch: pytest.MonkeyPatch
     hash: str = ""
+    version: str = ""  # the report version (run hash + ablation, merge, report)
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def h(self) -> str:
         return self.hash[:12]
+
+    @property
+    def v(self) -> str:
+        return self.version[:12]
 
     def write(self, rel: str, content: str | bytes) -> Path:
         path = self.root / rel
@@ -86,6 +91,9 @@ class World:
     def hash_of(self, *overrides: str) -> str:
         return config.load(self.root / "params" / "exp.yaml", list(overrides)).hash
 
+    def version_of(self, *overrides: str) -> str:
+        return config.load(self.root / "params" / "exp.yaml", list(overrides)).version
+
 
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -95,7 +103,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def protected(w: World, snap: dict[str, str]) -> dict[str, str]:
     """The user's files, the earlier run's log and checkpoints, every published report version."""
     keep = ("params/", "photos/", f"runs/exp/{w.h}/train_log.jsonl", f"runs/exp/{w.h}/checkpoints/",
-            f"reports/exp/{w.h}/")
+            f"reports/exp/{w.v}/")
     return {k: v for k, v in snap.items() if k.startswith(keep)}
 
 
@@ -111,11 +119,11 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     for nb in runner.NOTEBOOKS:
         make_notebook(tmp_path / "nbs" / f"{nb}.ipynb", OK_NOTEBOOK)
     exp = config.load(tmp_path / "params" / "exp.yaml")
-    w.hash = exp.hash
+    w.hash, w.version = exp.hash, exp.version
     rd = runs.run_dir(exp)
     w.write(f"{rd}/train_log.jsonl", "".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3)))
     w.write(f"{rd}/checkpoints/checkpoint-000002/state.pt", b"weights")
-    version = tmp_path / "reports" / "exp" / w.h
+    version = tmp_path / "reports" / "exp" / w.v
     w.write(f"{version}/index.html", "<p>the good report</p>")
     w.write(f"{version}/01_data.html", "<p>the good data page</p>")
     w.write(f"{version}/summary.json", json.dumps({"experiment": "exp", "hash": exp.hash, "metrics": {"m": 1}}))
@@ -220,7 +228,8 @@ DUP = f"extends: {ROOT / 'params' / 'base.yaml'}\ntrain:\n  steps: 50\n  lr: 0.0
 
 # --------------------------------------------------------------------------- the catalogue
 
-# (case, setup → argv of `dbkit`, the message (a regex; {h} = the params hash[:12]), exit code,
+# (case, setup → argv of `dbkit`, the message (a regex; {h} = the params hash[:12], {v} = the report
+#  version[:12]), exit code,
 #  whether the run may write new files: a params mistake writes nothing at all)
 CASES = [
     ("duplicate key", write_params("dup.yaml", DUP),
@@ -312,18 +321,18 @@ CASES = [
     ("run folder holds other params", other_params_in_folder,
      r"^error: runs/exp/\w{12} holds a run with params hash deadbeef, not \w{64}: move that folder away", 2, True),
     ("reports folder read-only", read_only_reports,
-     r"^error: reports/exp/\.staging-{h}/exp: Permission denied: not writable here: make it writable, or write "
+     r"^error: reports/exp/\.staging-{v}/exp: Permission denied: not writable here: make it writable, or write "
      r"elsewhere \(--reports <folder> for reports\)$", 2, True),
     ("disk full writing a page", disk_full_writing_page,
-     r"^error: 01_data\.ipynb: reports/exp/\.staging-{h}/exp/01_data\.html: No space left on device: the disk is "
+     r"^error: 01_data\.ipynb: reports/exp/\.staging-{v}/exp/01_data\.html: No space left on device: the disk is "
      r"full: free some space", 2, True),
     ("a cell fails: the good report stays", notebook_03("raise ValueError('loss is nan at step 3')"),
-     r"^FAILED: 03_train\.ipynb, cell \d+: ValueError: loss is nan at step 3\n  see reports/exp/failed-{h}/"
-     r"03_train\.html; the last good report is unchanged: reports/exp/{h}/index\.html$", 1, True),
+     r"^FAILED: 03_train\.ipynb, cell \d+: ValueError: loss is nan at step 3\n  see reports/exp/failed-{v}/"
+     r"03_train\.html; the last good report is unchanged: reports/exp/{v}/index\.html$", 1, True),
     ("disk full inside a notebook", notebook_03("raise OSError(28, 'No space left on device', 'runs/exp/ckpt')"),
      r"^FAILED: 03_train\.ipynb, cell \d+: OSError: \[Errno 28\] No space left on device: 'runs/exp/ckpt' — the disk "
      r"is full: free some space .*, then `dbkit run params/exp\.yaml --only 03_train --notebooks nbs` \(training "
-     r"resumes from its latest checkpoint\)\n  see reports/exp/failed-{h}/03_train\.html", 1, True),
+     r"resumes from its latest checkpoint\)\n  see reports/exp/failed-{v}/03_train\.html", 1, True),
     ("kernel dies (out of memory)", notebook_03("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
      r"^FAILED: 03_train\.ipynb: DeadKernelError: Kernel died — the notebook's Python process died, most often "
      r"for lack of memory: lower train\.batch_size or data\.resolution, or close other programs, then `dbkit run "
@@ -343,7 +352,7 @@ def test_bad_input(world: World, capsys: pytest.CaptureFixture, case: str, setup
     assert cli.main(argv) == code
 
     err = capsys.readouterr().err.strip()
-    assert re.search(message.replace("{h}", world.h), err, re.M | re.S), err
+    assert re.search(message.replace("{h}", world.h).replace("{v}", world.v), err, re.M | re.S), err
     assert "Traceback" not in err and len(err.splitlines()) <= 2, err
     after = snapshot(world.root)
     if writes:
@@ -504,23 +513,23 @@ def test_reports_are_versions_and_a_failed_rerun_keeps_the_good_set(world: World
 
     fake_papermill(world)
     reports = world.root / "reports"
-    world.write(f"reports/exp/.staging-{world.h}/exp/01_data.ipynb", "{}")  # left by a killed run
+    world.write(f"reports/exp/.staging-{world.v}/exp/01_data.ipynb", "{}")  # left by a killed run
     world.write("reports/exp/.05_report.abcd.ipynb", "{}")  # a temp notebook of an older dbkit
-    other = world.hash_of("seed=1")[:12]
+    other = world.version_of("seed=1")[:12]
     assert cli.main(world.argv("-p", "seed=1", "--only", "01_data", "05_report")) == 0  # other params
     assert cli.main(world.argv("--only", "02_captions")) == 0  # the same params: 02 added to its version
-    good = snapshot(reports / "exp" / world.h)
+    good = snapshot(reports / "exp" / world.v)
     fake_papermill(world, {"03_train": PapermillExecutionError(1, 2, "x", "ValueError", "boom", [])})
     assert cli.main(world.argv("--only", "02_captions", "03_train")) == 1
 
-    assert snapshot(reports / "exp" / world.h) == good  # no mixed set: the good pages as they were
+    assert snapshot(reports / "exp" / world.v) == good  # no mixed set: the good pages as they were
     assert {"01_data.html", "02_captions.html", "index.html"} <= set(good)
     assert sorted(p.name for p in (reports / "exp").iterdir()) == sorted(
-        [world.h, other, f"failed-{world.h}", "index.html"])
-    assert sorted(os.listdir(reports / "exp" / f"failed-{world.h}")) == [
+        [world.v, other, f"failed-{world.v}", "index.html"])
+    assert sorted(os.listdir(reports / "exp" / f"failed-{world.v}")) == [
         "02_captions.html", "02_captions.ipynb", "03_train.html", "03_train.ipynb", "version.json"]
     index = (reports / "index.html").read_text()
-    assert f'href="exp/{world.h}/index.html"' in index and f'href="exp/{other}/index.html"' in index
+    assert f'href="exp/{world.v}/index.html"' in index and f'href="exp/{other}/index.html"' in index
     versions = (reports / "exp" / "index.html").read_text()
     assert versions.count("<tr><td>") == 3 and "failed in 03_train" in versions
 

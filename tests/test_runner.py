@@ -94,7 +94,7 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
                                 only=["01_data", "05_report"], progress=False)
 
     exp = config.load(params)
-    assert out == reports / "exp-ok" / exp.hash[:12]  # one version folder per params hash
+    assert out == reports / "exp-ok" / exp.version[:12]  # one version folder per version hash
     pages = {p.name: p.read_text(encoding="utf-8") for p in
              (out / "01_data.html", out / "05_report.html", out / "index.html")}
     for name, page in pages.items():
@@ -116,10 +116,10 @@ def test_run_experiment_writes_code_free_self_contained_html(workdir: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == {"value": 42} and summary["hash"] == exp.hash
     index = (reports / "index.html").read_text(encoding="utf-8")
-    assert f'href="exp-ok/{exp.hash[:12]}/index.html"' in index and "it works" in index
+    assert f'href="exp-ok/{exp.version[:12]}/index.html"' in index and "it works" in index
     assert not EXTERNAL.findall(index)
     versions = (reports / "exp-ok" / "index.html").read_text(encoding="utf-8")  # the experiment's versions
-    assert f'<a href="{exp.hash[:12]}/index.html">' in versions and "latest" in versions
+    assert f'<a href="{exp.version[:12]}/index.html">' in versions and "latest" in versions
 
 
 def test_failing_cell_stops_the_run_and_is_reported(workdir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -136,7 +136,7 @@ def test_failing_cell_stops_the_run_and_is_reported(workdir: Path, capsys: pytes
     err = capsys.readouterr().err
     m = re.search(r"FAILED: 03_train\.ipynb, cell (\d+): ValueError: loss is nan at step 7", err)
     assert m, err
-    failed = Path("reports") / "exp-fail" / f"failed-{config.load(params).hash[:12]}"
+    failed = Path("reports") / "exp-fail" / f"failed-{config.load(params).version[:12]}"
     assert f"see {failed / '03_train.html'}" in err  # failed pages go aside, named
     page = (workdir / failed / "03_train.html").read_text(encoding="utf-8")
     assert "training" in page and "loss is nan at step 7" in page  # the partial outputs and the error

@@ -19,7 +19,7 @@ def write_params(root: Path, name: str, seed: int) -> str:
 
 def publish(root: Path, params: str, notebooks=runner.NOTEBOOKS, status: str = "ok") -> None:
     exp = config.load(params, [])
-    version = root / "reports" / exp.name / exp.hash[:12]
+    version = root / "reports" / exp.name / exp.version[:12]
     version.mkdir(parents=True)
     (version / runner.VERSION_FILE).write_text(json.dumps({"status": status, "notebooks": list(notebooks)}))
 
@@ -44,7 +44,7 @@ def test_queue_skips_published_goes_on_after_a_failure_and_summarises(project, c
         if "boom" in params:
             raise runner.RunError("boom.yaml: the disk is full")
         exp = config.load(params, overrides)
-        return Path(reports_root) / exp.name / exp.hash[:12]
+        return Path(reports_root) / exp.name / exp.version[:12]
 
     outcomes = runqueue.run_queue(files, [], reports_root=Path("reports"), run_one=fake_run)
     assert calls == [files[1], files[2], files[3]]  # in order; the published one not run again
