@@ -520,6 +520,25 @@ def _check_tree(src: str, raw: Any, *, top: bool) -> dict:
 VERDICTS = ("agrees", "differs", "partly")
 
 
+def _check_conclusion(path: Path, params: dict, parent: dict | None) -> None:
+    """A conclusion cites its table by reference; a figure copied into the prose is refused
+    (dbkit.conclusions: a copy outlives its table, and a wrong one passed whenever some other
+    cell rounded to it). The values the experiment sets or varies are settings, not figures."""
+    from . import conclusions
+
+    text = " ".join(str((params.get("notes") or {}).get("conclusion") or "").split())
+    if not text:
+        return
+    changed = {k: v for k, v in (diff(parent, params) if parent else {}).items() if not k.startswith("notes")}
+    ab = params.get("ablation") or {}
+    bare = conclusions.bare_figures(text, conclusions.params_figures(ab.get("vary"), ab.get("variants"), changed))
+    if bare:
+        raise ConfigError(
+            f"{_show(path)}: 'notes.conclusion' copies figure(s) {', '.join(bare)} into the prose: cite the table "
+            "instead, as {metric@row} (e.g. {prompt_fidelity@main}, {subject_fidelity@prior.enabled=False - main} "
+            "for a difference with its interval), or put a figure of an earlier run in backticks and say which run")
+
+
 def _check_verdict(src: str, notes: Any) -> None:
     """notes is free prose, except notes.verdict, which the reports index tabulates."""
     v = notes.get("verdict") if isinstance(notes, dict) else None
@@ -618,6 +637,7 @@ def _check_resolved(exp_src: str, params: dict, origin: dict[str, str], check_fi
         _check_image_folder(src("data.class_images"), "data.class_images", params["data"]["class_images"])
     family = _check_model(src, params)
     _check_family(src, params, family)
+    _check_resolution(src, params, family)
     for section, folder in caption_models(params).items():
         problem = model_folders.folder_problem(section, folder)
         if problem:
@@ -718,6 +738,21 @@ def _check_family(src: Callable[[str], str], params: dict, family: str) -> None:
         raise ConfigError(f"{src('train.min_snr_gamma')}: 'train.min_snr_gamma' is defined for DDPM timesteps, but "
                           "base.model is a playground model trained with EDM: set it to 0 (EDM's λ(σ) weighting "
                           "already balances noise levels)")
+
+
+def _check_resolution(src: Callable[[str], str], params: dict, family: str) -> None:
+    """data.resolution against the base's architecture (models.resolution_step): too small a
+    resolution trained without a word and learned nothing."""
+    from .models import resolution_step, resolve
+
+    step, res = resolution_step(resolve(params["base"]["model"])), params["data"]["resolution"]
+    if step is None or (res >= step and res % step == 0):
+        return
+    lo = res // step * step
+    use = f"{lo} or {lo + step}" if lo else str(step)
+    raise ConfigError(f"{src('data.resolution')}: 'data.resolution' is {res}, but this {family} base "
+                      f"({params['base']['model']}) needs a multiple of {step} (its VAE and UNet downsample "
+                      f"{step}×), so at least {step}: use {use}")
 
 
 def check_training(params: dict, family: str) -> None:
@@ -891,8 +926,11 @@ def _check_image_folder(src: str, key: str, folder: str) -> None:
     if not p.is_dir():
         raise ConfigError(f"{src}: '{key}' folder {folder!r} does not exist (relative to {Path.cwd()}): {fix}")
     if not any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.iterdir()):
-        raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images "
-                          f"({' '.join(IMAGE_SUFFIXES)}): {fix}")
+        from .data import unsupported_note
+
+        note = unsupported_note(p)
+        raise ConfigError(f"{src}: '{key}' folder {folder!r} has no images dbkit reads; {note}" if note else
+                          f"{src}: '{key}' folder {folder!r} has no images ({' '.join(IMAGE_SUFFIXES)}): {fix}")
     _check_text_files(p)
 
 
@@ -1020,6 +1058,10 @@ def _read_yaml(path: Path) -> Any:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{_show(path)}: params file not found") from None
+    except IsADirectoryError:
+        from .paths import folder_not_params
+
+        raise ConfigError(folder_not_params(_show(path))) from None
     except OSError as e:
         raise ConfigError(f"{_show(path)}: cannot read params file: {e.strerror or e}") from None
     text = _decode(path, raw, "the params file")
@@ -1211,5 +1253,6 @@ def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_f
     if len(chain) > 1:
         # only for diffing: files the child overrides away need not exist
         parent, _ = _resolve(chain[:-1], {}, check_files=False, top=chain[-2][0])
+    _check_conclusion(path, params, parent)
     return Experiment(name=name, path=path, params=params, chain=tuple(p for p, _ in chain),
                       hash=params_hash(params), _parent=parent, _check_files=check_files)

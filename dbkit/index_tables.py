@@ -195,7 +195,8 @@ def notes_experiments(notes_dir: Path, summaries: Mapping[str, tuple[str, Mappin
             "file": path.name, "experiment": name, "hypothesis": hypothesis,
             "finding": " ".join(str(notes.get("finding_in_notes") or "").split())
             or conclusions.first_sentence(hypothesis),
-            "answer": conclusions.first_sentence(conclusion) if conclusion else "not measured yet",
+            "answer": (conclusions.first_sentence(conclusions.render(conclusion, (summary or {}).get("rows") or []))
+                       if conclusion else "not measured yet"),
             "verdict": conclusions.verdict(notes) if conclusion else "",
             "href": href,
             "check": conclusion_check(summary, root) if summary is not None else None,

@@ -26,6 +26,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from . import conclusions
+
 PAD = 4                      # pixels between cells and around labels in image_grid
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
@@ -506,10 +508,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def conclusion_markdown(summary: Mapping[str, Any]) -> str:
-    """The written conclusion, with a warning above it when its quoted figures are not in this
-    run's table or nothing is written (``summary["conclusion_check"]``, :mod:`dbkit.conclusions`)."""
+    """The written conclusion with its ``{metric@row}`` references filled in from this run's
+    table, and a warning above it when a reference does not resolve, a figure is copied in
+    bare, or nothing is written (``summary["conclusion_check"]``, :mod:`dbkit.conclusions`)."""
     notes = summary.get("notes") or {}
     text = str(summary.get("conclusion") or notes.get("conclusion") or "").strip()
+    text = conclusions.render(text, summary.get("rows") or [])
     check = summary.get("conclusion_check") or {}
     out = f"**Conclusion.** {text or '_not written_'}"
     if check.get("message"):

@@ -1,4 +1,4 @@
-"""The written conclusion checked against the run's metrics table (dbkit.conclusions)."""
+"""The written conclusion: references filled in from the run's table, with intervals; bare figures refused."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from dbkit import conclusions, config, report
 # a hand-made ablation.json "rows": base, the main run, two variants
 ROWS = [
     {"label": "base", "run_dir": None, "metrics": {"subject_fidelity": 0.0, "prompt_fidelity": 0.7421875,
-                                                  "pres": 0.0, "div": 0.3912}},
+                                                  "pres": 0.0, "div": 0.3912, "n_images": 80}},
     {"label": "notes-lora-rank (this run)", "metrics": {"subject_fidelity": 0.5, "prompt_fidelity": 0.828125,
-                                                        "pres": 0.0, "div": 0.4163, "n_images": 8}},
-    {"label": "rank-4", "metrics": {"subject_fidelity": 0.671875, "prompt_fidelity": 0.765625, "div": 0.3301}},
+                                                        "pres": 0.0, "div": 0.4163, "n_images": 80}},
+    {"label": "rank-4", "metrics": {"subject_fidelity": 0.671875, "prompt_fidelity": 0.765625, "div": 0.3301,
+                                   "n_images": 80}},
     {"label": "rank-128", "metrics": None},
 ]
 
@@ -24,38 +25,68 @@ def test_quoted_figures_follow_the_documented_rule() -> None:
     assert conclusions.quoted_figures(text) == ["0.67", ".83", "1.00", "0.668"]
 
 
-def test_a_conclusion_matching_the_table_is_not_flagged() -> None:
-    text = ("rank 4 subject fidelity 0.67, prompt fidelity 0.77, DIV 0.33; rank 8 (the parent) 0.50, 0.83, 0.42 "
-            "(base: 0.00, 0.74, 0.39). With lr 2e-3 and 600 steps.")
-    check = conclusions.check(text, ROWS)
-    assert check == {"status": "ok", "figures": ["0.67", "0.77", "0.33", "0.50", "0.83", "0.42", "0.00", "0.74",
-                                                 "0.39"], "missing": [], "message": ""}
+def test_references_are_filled_in_from_the_table_with_intervals() -> None:
+    text = ("rank 4 reads {subject_fidelity@rank-4}, rank 8 {subject_fidelity@main|ci}; "
+            "rank 4 minus the base: {subject_fidelity@rank-4 - base}; DIV {div@base}.")
+    # main: 0.5 over 9 x 8 = 72 images (n_images 80 = 10 per seed, 8 seeds). Wilson by hand:
+    # centre (0.5 + z²/144) / (1 + z²/72), half z·sqrt(0.25/72 + z²/(4·72²)) / (1 + z²/72)
+    z = 1.959963984540054
+    centre = (0.5 + z * z / 144) / (1 + z * z / 72)
+    half = z * (0.25 / 72 + z * z / (4 * 72 * 72)) ** 0.5 / (1 + z * z / 72)
+    assert (round(centre - half, 2), round(centre + half, 2)) == (0.39, 0.61)
+    out = conclusions.render(text, ROWS)
+    assert out.startswith("rank 4 reads 0.67, rank 8 0.50 [0.39, 0.61]; ")
+    assert out.endswith("DIV 0.39.")
+    assert "(within noise)" not in out  # 43/72 against 0/72
+    assert conclusions.check(text, ROWS) == {"status": "ok", "figures": [r.text for r in conclusions.references(text)],
+                                             "missing": [], "message": ""}
 
 
-def test_a_mismatching_conclusion_lists_exactly_the_missing_figures() -> None:
-    # 0.66 is 0.671875 rounded wrongly; 0.91 and 0.12 appear nowhere; 0.828 is the prompt fidelity to 3 places
-    text = "rank 4 reads 0.66 and 0.91; rank 8 reads 0.50 and 0.828; rank 128 collapses to 0.12."
-    check = conclusions.check(text, ROWS)
+def test_a_difference_inside_its_interval_is_called_noise() -> None:
+    # masked_loss's case: background leak 7/8 against 6/8
+    rows = [{"label": "a", "metrics": {"background_leak": 0.875, "subject_fidelity": 0.5, "n_images": 80}},
+            {"label": "b", "metrics": {"background_leak": 0.75, "subject_fidelity": 0.5, "n_images": 80}}]
+    out = conclusions.render("{background_leak@a - b}", rows)
+    assert out.startswith("+0.12 [") and out.endswith("(within noise)")
+    # Newcombe's hybrid interval by hand from the two Wilson intervals
+    la, ua = conclusions.intervals.wilson(0.875, 8)
+    lb, ub = conclusions.intervals.wilson(0.75, 8)
+    low = 0.125 - ((0.875 - la) ** 2 + (ub - 0.75) ** 2) ** 0.5
+    high = 0.125 + ((ua - 0.875) ** 2 + (0.75 - lb) ** 2) ** 0.5
+    assert out == f"+0.12 [{low:+.2f}, {high:+.2f}] (within noise)"
+
+
+def test_prior_yaml_case_a_bare_figure_is_stale_and_refused_at_load(tmp_path) -> None:
+    # the table says 0.6146; another row's 0.625 used to let "0.62" pass
+    rows = [{"label": "base", "metrics": {"background_leak": 0.625}},
+            {"label": "prior.enabled=False", "metrics": {"prompt_fidelity": 0.6145833}}]
+    check = conclusions.check("without the prior 0.62", rows)
+    assert check["status"] == "stale" and check["missing"] == ["0.62"]
+    assert conclusions.render("without the prior {prompt_fidelity@prior.enabled=False}", rows) == \
+        "without the prior 0.61"
+    f = tmp_path / "x.yaml"
+    f.write_text(f"extends: {config.BASE_PATH}\nnotes: {{conclusion: 'without the prior 0.62'}}\n")
+    with pytest.raises(config.ConfigError, match=r"x\.yaml: 'notes\.conclusion' copies figure\(s\) 0\.62 into"):
+        config.load(f, [])
+    f.write_text(f"extends: {config.BASE_PATH}\nnotes: {{conclusion: 'without the prior "
+                 "{prompt_fidelity@prior.enabled=False}, earlier `0.62`'}\n")
+    config.load(f, [])
+
+
+def test_a_reference_to_a_missing_row_or_metric_is_stale() -> None:
+    check = conclusions.check("{subject_fidelity@rank-16} and {clip_i@main}", ROWS)
     assert check["status"] == "stale"
-    assert check["missing"] == ["0.66", "0.91", "0.12"]
-    assert check["message"] == "conclusion may be stale: 0.66, 0.91, 0.12 not in this run's table"
-
-
-def test_rounding_at_the_quoted_precision_accepts_either_side_of_a_half() -> None:
-    rows = [{"metrics": {"m": 0.625}}]
-    assert conclusions.check("0.62 or 0.63", rows)["status"] == "ok"
-    assert conclusions.check("0.61", rows)["missing"] == ["0.61"]
-    assert conclusions.check("0.625", rows)["status"] == "ok"
-    assert conclusions.check("0.626", rows)["missing"] == ["0.626"]
+    assert check["missing"] == ["{subject_fidelity@rank-16}", "{clip_i@main}"]
+    assert "no row 'rank-16'" in check["message"] and "has no metric 'clip_i'" in check["message"]
+    assert conclusions.render("{subject_fidelity@rank-16}", ROWS) == "⚠{subject_fidelity@rank-16}"
 
 
 def test_params_values_and_backticked_figures_are_ignored() -> None:
     ignore = conclusions.params_figures({"captions.dropout": [0.1, 0.3]}, {"r4": {"train.lora.rank": 4}},
                                         {"train.lr": (0.002, 0.0001)})
     assert ignore == [0.1, 0.3, 4, 0.0001]
-    text = "dropout 0.10 gives 0.50; the older export read `0.08`."
-    assert conclusions.check(text, ROWS, ignore) == {"status": "ok", "figures": ["0.50"], "missing": [],
-                                                    "message": ""}
+    text = "dropout 0.10 gives {subject_fidelity@main}; the older export read `0.08`."
+    assert conclusions.check(text, ROWS, ignore)["status"] == "ok"
     assert conclusions.check(text, ROWS)["missing"] == ["0.10"]
 
 
@@ -66,14 +97,16 @@ def test_empty_and_figureless_conclusions() -> None:
     assert conclusions.check("Rank 4 is enough.", ROWS)["status"] == "unchecked"
 
 
-def test_the_report_shows_the_flag_above_the_conclusion() -> None:
+def test_the_report_fills_references_and_shows_the_flag_above_the_conclusion() -> None:
     text = "rank 4 reads 0.66."
-    summary = {"experiment": "x", "notes": {"hypothesis": "h", "conclusion": text},
+    summary = {"experiment": "x", "notes": {"hypothesis": "h", "conclusion": text}, "rows": ROWS,
                "conclusion_check": conclusions.check(text, ROWS)}
     md = report.conclusion_markdown(summary)
-    assert md == "> ⚠ **conclusion may be stale: 0.66 not in this run's table**\n\n**Conclusion.** rank 4 reads 0.66."
+    assert md.startswith("> ⚠ **conclusion may be stale: 0.66 copied in bare")
+    assert md.endswith("**Conclusion.** rank 4 reads 0.66.")
     assert md in report.summary_markdown(summary)
-    ok = {"notes": {"conclusion": "0.50"}, "conclusion_check": conclusions.check("0.50", ROWS)}
+    text = "{subject_fidelity@main}"
+    ok = {"notes": {"conclusion": text}, "rows": ROWS, "conclusion_check": conclusions.check(text, ROWS)}
     assert report.conclusion_markdown(ok) == "**Conclusion.** 0.50"
 
 
