@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import conclusions
+from . import conclusions, hardware, intervals
 
 PAD = 4                      # pixels between cells and around labels in image_grid
 BACKGROUND = (255, 255, 255)
@@ -471,13 +471,32 @@ def metrics_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
         return "_No metrics._"
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "model" and k not in _NOT_METRIC_COLUMNS))
     keys = [k for k in _METRIC_ORDER if k in keys] + [k for k in keys if k not in _METRIC_ORDER]
-    table = markdown_table(rows, ["model", *keys], floatfmt)
+    shown = [_with_intervals(r, floatfmt) for r in rows]
+    table = markdown_table(shown, ["model", *keys], floatfmt)
     info = _metric_info()
     legend = [f"- `{k}`: {info[k]}" for k in keys if k in info]
+    if shown != rows:
+        legend.append("- `[low, high]`: the rate's Wilson 95% interval over the images (prompt fidelity: the "
+                      "requested attributes) it was measured on; two rows whose intervals overlap may differ "
+                      "by noise alone")
     backends = sorted({str(r["backend"]) for r in rows if r.get("backend")})
     if backends:
         legend.append(f"- backend: {', '.join(backends)}")
     return table + ("\n\n" + "\n".join(legend) if legend else "")
+
+
+def _with_intervals(row: dict, floatfmt: str) -> dict:
+    """The row with each rate metric as ``value [low, high]`` (dbkit.intervals); other cells as they are."""
+    n = intervals.denominators(row)
+    if not n:
+        return row
+    out = dict(row)
+    for name, count in n.items():
+        value = row.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = intervals.wilson(float(value), count)
+            out[name] = f"{format(float(value), floatfmt)} [{low:.2f}, {high:.2f}]"
+    return out
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -532,6 +551,8 @@ def provenance_markdown(summary: Mapping[str, Any]) -> str:
     rows = [
         {"": "params file", "value": f"`{summary.get('params_file') or env.get('params_file', '')}`"},
         {"": "params hash", "value": f"`{summary.get('hash') or env.get('params_hash', '')}`"},
+        # the report version: the run hash plus ablation, merge and report (config.version_hash)
+        {"": "report version", "value": f"`{summary['version']}`" if summary.get("version") else None},
         {"": "data fingerprint", "value": f"`{summary.get('data_fingerprint') or env.get('data_fingerprint') or ''}`"},
         {"": "seed", "value": env.get("seed")},
         {"": "run folder", "value": f"`{summary.get('run_dir', '')}`"},
@@ -546,6 +567,8 @@ def provenance_markdown(summary: Mapping[str, Any]) -> str:
         {"": "python", "value": env.get("python")},
         {"": "packages", "value": packages or None},
         {"": "device", "value": env.get("device")},
+        # toy training is chaotic in float rounding: a figure is exact only on this hardware
+        {"": "hardware", "value": hardware.summary(env["hardware"]) if env.get("hardware") else None},
         {"": "platform", "value": env.get("platform")},
     ]
     out = markdown_table([r for r in rows if r["value"] not in (None, "", "``")], ["", "value"])

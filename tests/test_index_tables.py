@@ -60,11 +60,13 @@ def project(tmp_path: Path, monkeypatch) -> Path:
     (notes_dir / "parent.yaml").write_text("train: {steps: 600}\n", encoding="utf-8")
     (notes_dir / "a.yaml").write_text(yaml.safe_dump({"experiment": "exp-a", "notes": {
         "hypothesis": "The notes found rank 128 looks best. Rank 4 should do.",
-        "conclusion": "Rank 4 reads 0.67 and 0.77. Rank 128 breaks: 0.00, 0.41; it differs from the notes."}}),
+        "conclusion": "Rank 4 reads {subject_fidelity@main} and {prompt_fidelity@main}. Rank 128 breaks: "
+                      "{subject_fidelity@rank-128}, {prompt_fidelity@rank-128}; it differs from the notes."}}),
         encoding="utf-8")
     (notes_dir / "b.yaml").write_text(yaml.safe_dump({"experiment": "exp-b", "notes": {
         "hypothesis": "Prior off raises PRES.", "finding_in_notes": "Prior preservation prevents drift.",
-        "verdict": "agrees", "conclusion": "PRES rises to 0.91. Subject fidelity 0.88."}}), encoding="utf-8")
+        "verdict": "agrees", "conclusion": "PRES rises to {pres@prior-off}. Subject fidelity {subject_fidelity@main}."}}),
+        encoding="utf-8")
     (notes_dir / "c.yaml").write_text(yaml.safe_dump({"notes": {"hypothesis": "Not run yet."}}), encoding="utf-8")
     _report(root, "exp-a", rows_a, {"hypothesis": "h", "conclusion": "recorded at run time"},
             params_file=str(notes_dir / "a.yaml"), rank_by="subject_fidelity")
@@ -107,9 +109,9 @@ def test_all_runs_rows_list_the_params_that_differ_from_base_yaml(project: Path)
 def test_conclusions_are_checked_as_the_params_file_says_now(project: Path) -> None:
     page = runner.build_index(project / "reports").read_text(encoding="utf-8")
     first = page[:page.index('id="all-runs"')]
-    # exp-a's file now quotes 0.67 0.77 0.00 0.41, all in its table; exp-b quotes 0.91, which is not
+    # exp-a's file now cites four cells of its table; exp-b cites a row its table lacks
     assert first.count('class="stale"') == 1 and "no measured conclusion yet" not in first
-    assert "conclusion may be stale: 0.91 not in this run&#x27;s table" in first
+    assert "conclusion may be stale: {pres@prior-off}: no row &#x27;prior-off&#x27; in the table" in first
 
 
 def test_the_research_notes_section(project: Path) -> None:
@@ -120,7 +122,8 @@ def test_the_research_notes_section(project: Path) -> None:
         ["exp-a a.yaml", "The notes found rank 128 looks best. Rank 4 should do.",
          "The notes found rank 128 looks best.", "Rank 4 reads 0.67 and 0.77.", "differs"],
         ["exp-b b.yaml", "Prior off raises PRES.", "Prior preservation prevents drift.",
-         "PRES rises to 0.91. ⚠ conclusion may be stale: 0.91 not in this run's table", "agrees"],
+         "PRES rises to ⚠{pres@prior-off}. ⚠ conclusion may be stale: {pres@prior-off}: no row 'prior-off' in "
+         "the table (rows: exp-b (this run), gone; 'main' is the experiment's own run)", "agrees"],
         ["c not run yet c.yaml", "Not run yet.", "Not run yet.", "not measured yet", "—"]]
     assert 'href="exp-a/0123456789ab/index.html"' in page
 

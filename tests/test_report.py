@@ -138,9 +138,13 @@ def test_metrics_markdown_orders_known_metrics_and_adds_a_legend() -> None:
     assert text.startswith(
         "| model | subject_fidelity | pres |\n"
         "| --- | --- | --- |\n"
-        "| base | 0.000 | 0.250 |\n"
+        "| base | 0.000 [0.00, 0.10] | 0.250 [0.05, 0.70] |\n"
         "| demo (this run) |  |  |\n\n")
-    assert "- `pres`: " in text and text.endswith("- backend: toy-oracle")
+    # 4 seeds (40 images): subject fidelity is a rate over 36 images, PRES over 4. Wilson by
+    # hand for 0/36: the upper end is 2·(z²/72)/(1 + z²/36) = 0.096
+    z2 = 1.959963984540054 ** 2
+    assert round(2 * (z2 / 72) / (1 + z2 / 36), 2) == 0.10
+    assert "- `pres`: " in text and "Wilson 95% interval" in text and text.endswith("- backend: toy-oracle")
     assert report.metrics_markdown([]) == "_No metrics._"
 
 
