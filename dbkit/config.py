@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from . import model_folders
+from . import cpu_threads, model_folders
 from .hashing import canonical_json, stable_hash  # noqa: F401  (config.stable_hash is public)
 
 BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
@@ -85,7 +85,10 @@ VERSION_EXCLUDE_KEYS = ("ablation.workers",)
 # Keys added after runs existed, with the value the code had before the key: at that value they
 # stay out of the hash (every existing run keeps its folder and its committed report); any other
 # value is a different run.
-HASH_ADDED_KEYS = {"metrics.seed": 100, "threads": 0}
+HASH_ADDED_KEYS = {"metrics.seed": 100}
+# `threads` came later too, but is not dropped at its old 0: on a CPU the run hash holds the
+# thread count the run computes with (cpu_threads.identity), whatever the params say.
+_ADDED_LATER = HASH_ADDED_KEYS | {"threads": 0}
 
 # Keys that hold free-form content rather than schema sections.
 _FREE_KEYS = ("notes",)
@@ -171,8 +174,9 @@ class ConfigError(ValueError):
 
 def params_hash(params: dict) -> str:
     """The run identity: the hash of params without the keys in :data:`HASH_EXCLUDE`, plus
-    the base model's fingerprint (retrained weights in the same folder make a new run) and
-    the data's (new photos, masks or captions in the same folder make a new run)."""
+    the base model's fingerprint (retrained weights in the same folder make a new run), the
+    data's (new photos, masks or captions in the same folder make a new run) and, on a CPU,
+    the thread count the run computes with (``threads: 0`` resolved on this machine)."""
     from .data import data_fingerprint
     from .models import fingerprint
 
@@ -189,6 +193,10 @@ def params_hash(params: dict) -> str:
         ident["base_fingerprint"] = fingerprint(model)
     if isinstance(params.get("data", {}).get("instance_images"), str):
         ident["data_fingerprint"] = data_fingerprint(params)
+    ident.pop("threads", None)
+    threads = cpu_threads.identity(params)
+    if threads is not None:  # a CPU's float sums depend on how many threads split them
+        ident["cpu_threads"] = threads
     models = caption_models(params)
     if models:  # other weights in the same folder give other captions: a new run
         ident["caption_models"] = {s: model_folders.fingerprint(s, folder) for s, folder in models.items()}
@@ -215,7 +223,7 @@ def with_added_keys(params: dict) -> dict:
     """`params` as the current code reads it: a key of HASH_ADDED_KEYS that a run written before
     it existed lacks holds the value the code had then (for comparing old runs with new ones)."""
     out = copy.deepcopy(params)
-    for dotted, old in HASH_ADDED_KEYS.items():
+    for dotted, old in _ADDED_LATER.items():
         section, _, key = dotted.partition(".")
         if not key:
             out.setdefault(section, old)

@@ -39,11 +39,21 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def identity(p: dict) -> int | None:
+    """The thread count as part of what a run computes: the count the CPU will use (``threads:
+    0`` is torch's default *on this machine*, so two machines with other core counts get other
+    hashes instead of other figures under one), or None on a CUDA device, where the model's
+    arithmetic runs on the GPU whatever the CPU thread count."""
+    import torch
+
+    return None if torch.cuda.is_available() else count(p)
+
+
 def cache_fields(p: dict) -> dict:
-    """What a cache key adds for ``p``'s thread count: nothing at 0 (the keys, and so the
-    entries, of every run before ``threads`` existed), the count once set, so that a pinned
-    run never reuses class images, base metrics or merges computed with another count."""
-    return {"threads": p["threads"]} if p.get("threads") else {}
+    """What a cache key adds for ``p``'s thread count (:func:`identity`), so that no run reuses
+    class images, base metrics or merges computed with another count."""
+    n = identity(p)
+    return {} if n is None else {"threads": n}
 
 
 def apply(p: dict) -> None:

@@ -34,6 +34,9 @@ def resolve(model: str) -> Path:
     path = Path(model)
     if (path / "model_index.json").exists():
         return path
+    if path.is_file():  # a single-file checkpoint or one file of the folder: not a hub id either
+        raise ModelError(f"base.model: {model} is a file; point it at the model folder (the one with "
+                         "model_index.json) or 'toyworld'")
     if path.is_dir():
         raise ModelError(f"'base.model' folder {model!r} has no model_index.json: point base.model at a diffusers "
                          "pipeline folder (one written by save_pretrained)")
@@ -87,6 +90,19 @@ def detect_family(path: Path) -> str:
         edm = "EDM" in sched.get("_class_name", "") or sched.get("prediction_type") == "edm"
         return "playground" if edm else "sdxl"
     return "sd2" if sched.get("prediction_type") == "v_prediction" else "sd15"
+
+
+def resolution_step(path: Path) -> int | None:
+    """The pixels per side that one cell of the UNet's deepest block covers: the VAE's
+    downsampling times the UNet's (2 per down block but the last), read from their config
+    files, not the weights. A training resolution must be a multiple of it and at least it, or
+    the smallest latents vanish in the down blocks. None where the configs do not say."""
+    try:
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):  # another architecture: nothing to check here
+        return None
 
 
 def family_of(p: dict, path: Path) -> str:

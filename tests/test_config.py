@@ -446,24 +446,27 @@ def test_a_key_added_later_keeps_old_run_hashes_at_its_old_behaviour() -> None:
     without = copy.deepcopy(p)
     del without["metrics"]["seed"]
     assert config.params_hash(p) == config.params_hash(without)
-    assert config.params_hash(p)[:12] == "386e5f2d6354"  # the committed reports/notes-merge version
     assert load(MERGE, ["metrics.seed=200"]).hash != load(MERGE).hash
 
 
-def test_threads_enter_the_hash_only_once_set() -> None:
-    """`threads` came after every committed run: at 0 (torch's default, what those runs used)
-    the hash is the one computed without the key; a set count is another run."""
-    import copy
+def test_the_thread_count_a_cpu_run_computes_with_is_in_its_hash(monkeypatch) -> None:
+    """On a CPU the thread count decides the float rounding, so it is part of the run: threads:
+    0 hashes as the count torch uses on this machine (another core count, another run), equal
+    to that count written out; on a CUDA device the count computes nothing the model sees."""
+    import torch
+
+    from dbkit import cpu_threads
 
     MERGE = Path(__file__).resolve().parent.parent / "params" / "notes" / "merge.yaml"
-
-    p = load(MERGE).params
-    without = copy.deepcopy(p)
-    del without["threads"]
-    assert config.params_hash(p) == config.params_hash(without)
-    assert config.params_hash(p)[:12] == "386e5f2d6354"  # the committed reports/notes-merge version
-    hashes = {load(MERGE, [f"threads={n}"]).hash for n in (0, 1, 2)}
-    assert len(hashes) == 3
+    default = cpu_threads.default()
+    hashes = {n: load(MERGE, [f"threads={n}"]).hash for n in (0, 1, 2, 3)}
+    assert hashes[0] == hashes[default] and len({hashes[n] for n in (1, 2, 3)}) == 3
+    monkeypatch.setattr(cpu_threads, "_default", default + 1)  # a machine with one more core
+    assert load(MERGE, ["threads=0"]).hash != hashes[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert len({load(MERGE, [f"threads={n}"]).hash for n in (0, 1, 2)}) == 1
+    without = load(MERGE).params
+    del without["threads"]  # a run written before the key existed reads as threads: 0
     assert config.with_added_keys(without)["threads"] == 0
 
 
