@@ -317,17 +317,29 @@ def _no_data(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+# the steps curve's keys that are rates over the preview seeds' images (the others are scores)
+_CURVE_RATES = ("subject_fidelity", "pres", "style_rate", "style_drift")
+
+
 def plot_steps_curve(path: Path) -> Any:
     """Metrics measured during training (``steps_curve.jsonl``: step → subject_fidelity, pres, …), 0–1."""
     import matplotlib.pyplot as plt
 
     records = [r for r in read_jsonl(Path(path)) if isinstance(r.get("step"), (int, float))]
     keys = list(dict.fromkeys(k for r in records for k, v in r.items()
-                              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)))
+                              if k not in ("step", "n") and isinstance(v, (int, float)) and not isinstance(v, bool)))
     fig, ax = plt.subplots(figsize=(7, 3.2))
+    banded = False
     for key in keys:
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot(*zip(*pts), marker="o", markersize=3, linewidth=1.5, label=key)
+        pts = [(r["step"], r[key], r.get("n")) for r in records if isinstance(r.get(key), (int, float))]
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linewidth=1.5, label=key)
+        if key in _CURVE_RATES and all(isinstance(p[2], int) for p in pts):
+            lows, highs = zip(*(intervals.wilson(p[1], p[2]) for p in pts))
+            ax.fill_between([p[0] for p in pts], lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+            banded = True
+    if banded:
+        ax.set_title(f"shaded: Wilson 95% interval over the {records[-1]['n']} preview images per step",
+                     fontsize="small")
     ax.set_xlabel("step")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)

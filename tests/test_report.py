@@ -196,6 +196,17 @@ def test_curves_of_missing_logs_and_tag_frequencies_still_draw(tmp_path: Path) -
                   for s in (100, 200, 300)))
     fig = report.plot_steps_curve(tmp_path / "steps.jsonl")
     assert [ln.get_label() for ln in fig.axes[0].lines] == ["subject_fidelity"]
+    assert not fig.axes[0].collections  # an older log without n: no band it could justify
+    plt.close(fig)
+    (tmp_path / "steps.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "subject_fidelity": 0.5, "n": 4}) for s in (100, 200)))
+    fig = report.plot_steps_curve(tmp_path / "steps.jsonl")
+    assert [ln.get_label() for ln in fig.axes[0].lines] == ["subject_fidelity"]  # n is no curve
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    # 2 of 4 images: Wilson's interval by hand, centre 0.5, half z·sqrt(1/16 + z²/64) / (1 + z²/4)
+    z = 1.959963984540054
+    half = z * (1 / 16 + z * z / 64) ** 0.5 / (1 + z * z / 4)
+    assert min(band) == pytest.approx(0.5 - half) and max(band) == pytest.approx(0.5 + half)
     plt.close(fig)
     fig = report.plot_tag_frequencies({"star": 5, "red": 2, "small": 3}, top=2)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["small", "star"]
