@@ -236,6 +236,7 @@ def preview_writer(rd: Path, p: dict, subject=None, style=None):
             row = {"step": step, "style_rate": metrics.style_rate(images[:n], style),
                    "style_drift": metrics.style_rate(images[-n:], style) if len(prompts) > 1 else None}
         if row is not None:
+            row["n"] = n  # the images each rate is over: the plot's Wilson band (4 seeds: wide)
             with open(rd / "steps_curve.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
