@@ -220,8 +220,9 @@ def _imagenet_pixels(images: Sequence[Image.Image], crop: int) -> np.ndarray:
     out = []
     for im in _rgb(images):
         w, h = im.size
-        s = short / min(w, h)
-        nw, nh = max(crop, round(w * s)), max(crop, round(h * s))
+        # the long side truncated, as torchvision's Resize and transformers compute it: rounding
+        # it made some sizes one pixel longer and shifted their centre crop
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - crop) // 2, (nh - crop) // 2
         arr = np.asarray(im.crop((left, top, left + crop, top + crop)), np.float32) / 255.0

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dbkit import cpu_threads
+
 ROOT = Path(__file__).resolve().parent.parent
+# torch's own default is remembered first: `threads: 0` hashes as that count (cpu_threads.identity),
+# and the notebooks' kernels, fresh processes, see the default, not this process's setting
+cpu_threads.default()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

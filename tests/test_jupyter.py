@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbkit import paths, playground, runner, workflow
+from dbkit import cpu_threads, paths, playground, runner, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("train: {steps: 4, batch_size: 2, save_every: 2, sample_every: 0, lr: 0.01, text_encoder_lr: 0.01}\n"
@@ -177,6 +177,9 @@ def test_jupyterlab_runs_03_train_and_the_playground_draws_a_typed_prompt(traine
     (root / "notebooks" / "03_train.ipynb").write_text(json.dumps(nb))
     env = {**kernel_env(), "DBKIT_CACHE": str(root / ".cache")}
     env.pop(paths.ROOT_ENV, None)
+    # the run hash holds the CPU thread count (threads: 0 is torch's default, which OMP_NUM_THREADS
+    # sets): the kernel must default to the count `trained` computed with, or it opens another run
+    env["OMP_NUM_THREADS"] = str(cpu_threads.default())
     with lab(root, env, tmp_path / "lab.log") as served:
         url, token = served.split("|")
         browser = Browser(CHROMIUM)
@@ -213,8 +216,37 @@ def test_jupyterlab_runs_03_train_and_the_playground_draws_a_typed_prompt(traine
             if os.environ.get("DBKIT_LAB_SCREENSHOT"):
                 shutil.copy(shot, os.environ["DBKIT_LAB_SCREENSHOT"])
             assert not runner.is_blank(shot)
-            assert "on green" in browser.js("document.querySelector('.jupyter-widgets img').closest('.jp-OutputArea')"
-                                            ".innerText + [...document.querySelectorAll('.widget-text input')]"
-                                            ".map(i => i.value).join(' ')")
+            # what the playground put on the page: the PNG behind the image and the oracle's table
+            shown = browser.js("""(async () => {const i = document.querySelector('.jupyter-widgets img');
+                const blob = await (await fetch(i.src)).blob();
+                return await new Promise(done => {const r = new FileReader(); r.onload = () => done(r.result);
+                                                  r.readAsDataURL(blob);});})()""")
+            table = browser.js("[...document.querySelectorAll('.widget-html table tr')]"
+                               ".map(tr => [...tr.children].map(td => td.textContent))")
         finally:
             browser.close()
+    # … held against the typed prompt drawn here, from the same run's files, with the widget's
+    # defaults (the experiment's sample.* settings). A click that drew the first prompt again
+    # (the typed text never reaching the kernel) would show other pixels.
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dbkit import report
+
+    exp, rd = trained[0][0]
+    pg = playground.Playground(exp, rd)
+    seeds, typed_prompt = exp.params["sample"]["seeds"], "a {subject} on green"
+    typed, readings = pg.draw(typed_prompt, seeds=seeds)
+    first, _ = pg.draw(exp.params["sample"]["prompts"][0], seeds=seeds)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(typed, first))
+    want = report.image_grid([(playground.FINAL, typed)], [f"seed {x}" for x in seeds], title=typed_prompt, scale=3)
+    got = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB")
+    assert got.size == want.size, (got.size, want.size)
+    diff = int(np.abs(np.asarray(got, int) - np.asarray(want, int)).max())
+    # another process (the kernel), same thread count: equal up to float rounding
+    assert diff <= 2, f"the page's image differs from the typed prompt's drawing by up to {diff}/255"
+    assert readings[0] and table == [["seed", *readings[0]],
+                                     *[[str(x), *map(str, r.values())] for x, r in zip(seeds, readings)]]
