@@ -65,7 +65,8 @@ def project(tmp_path: Path, monkeypatch) -> Path:
         encoding="utf-8")
     (notes_dir / "b.yaml").write_text(yaml.safe_dump({"experiment": "exp-b", "notes": {
         "hypothesis": "Prior off raises PRES.", "finding_in_notes": "Prior preservation prevents drift.",
-        "verdict": "agrees", "conclusion": "PRES rises to {pres@prior-off}. Subject fidelity {subject_fidelity@main}."}}),
+        "verdict": "agrees",
+        "conclusion": "PRES rises to {pres@prior-off}. Subject fidelity {subject_fidelity@main}."}}),
         encoding="utf-8")
     (notes_dir / "c.yaml").write_text(yaml.safe_dump({"notes": {"hypothesis": "Not run yet."}}), encoding="utf-8")
     _report(root, "exp-a", rows_a, {"hypothesis": "h", "conclusion": "recorded at run time"},
