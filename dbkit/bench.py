@@ -76,7 +76,8 @@ def vae_ceiling(vae, subject, n: int = 16) -> float:
 
 
 def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> dict:
-    """Accuracy on held-out captions and subject novelty; `card` writes the model card."""
+    """Accuracy on held-out captions and subject novelty; `card` also measures what the model
+    card quotes besides (load time, parameter counts) and writes the card."""
     from .models import detect_family, load_pipeline, resolve
 
     path = resolve(model)
@@ -90,11 +91,25 @@ def bench_base(model: str = "toyworld", n: int = 100, *, card: bool = False) -> 
     result = {"accuracy": acc, "subject_signature_rate": novelty, "vae_ceiling": ceiling,
               "seconds": round(time.time() - t0, 1)}
     if card:
-        from .files import atomic_write_text
-        from .toyworld.recipe import model_card
+        from .toyworld.recipe import _n
 
-        atomic_write_text(Path(path) / "README.md", model_card(path, result, bench_load(str(path))))
+        # in the result, so that the printed JSON (and its evidence record) holds every figure of the card
+        result["load"] = bench_load(str(path))
+        result["parameters_m"] = {part: float(_n(path, part)) for part in ("unet", "text_encoder")}
+        write_card(str(path), result)
     return result
+
+
+def write_card(model: str, result: dict, record: str | None = None, hardware: str | None = None) -> Path:
+    """The model card (README.md in the model folder) from `bench_base(card=True)`'s result,
+    naming its evidence record when there is one."""
+    from .files import atomic_write_text
+    from .models import resolve
+    from .toyworld.recipe import model_card
+
+    path = Path(resolve(model)) / "README.md"
+    atomic_write_text(path, model_card(path.parent, result, result["load"], record=record, hardware=hardware))
+    return path
 
 
 def bench_load(model: str = "toyworld") -> dict:

@@ -177,8 +177,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, evidence
 
+    load_at_start = evidence.load_average()  # before the bench's own work loads the machine
     if args.what == "base":
         result = bench.bench_base(args.model, n=args.n, card=args.card)
     elif args.what == "load":
@@ -199,6 +200,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         result = bench.bench_dreambooth(args.subject, steps=args.steps or 1500, overrides=args.p)
     print(json.dumps(result, indent=2))
+    if args.save:
+        import shlex
+
+        command = shlex.join(["dbkit", *getattr(args, "argv", ["bench", args.what])])
+        rec = evidence.record(command, result, load_avg_start=load_at_start)
+        path = evidence.save(rec, f"bench-{args.what}")
+        if args.what == "base" and args.card:  # the card names its record, known only once saved
+            bench.write_card(args.model, result, record=evidence.relative_name(path),
+                             hardware=rec["hardware_summary"])
+        print(f"record: {path}", file=sys.stderr)  # stdout stays the JSON alone
     return 0
 
 
@@ -229,6 +240,7 @@ def _explain(e: BaseException) -> tuple[int, str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command an evidence record names
     try:
         return args.func(args)
     except BaseException as e:  # one or two lines for the user; the traceback only with --debug
@@ -328,6 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="trainer: pairs of runs, in turn (medians reported; "
                    "5 for a figure to quote on a shared machine)")
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
+    p.add_argument("--save", action="store_true", help="also write the printed figures as an evidence record, "
+                   "benchmarks/bench-<what>-<UTC date>-<commit>.json (command, commit, hardware, load; see "
+                   "dbkit/evidence.py): a figure quoted in README.md needs one")
     p.set_defaults(func=_cmd_bench)
     return parser
 

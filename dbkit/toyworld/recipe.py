@@ -426,8 +426,10 @@ def _phases_1_2(out: Path, recipe: dict, log) -> tuple[dict, dict]:
     return comps, {"vae_seconds": round(t_vae), "decoder_seconds": round(t_dec), "unet_seconds": round(t_unet)}
 
 
-def model_card(path: Path, bench: dict, load: dict) -> str:
-    """The shipped model's README: recipe, step count, hardware and measured scores."""
+def model_card(path: Path, bench: dict, load: dict, record: str | None = None, hardware: str | None = None) -> str:
+    """The shipped model's README: recipe, step count, hardware and measured scores.
+    ``record``: the evidence file holding the measured scores (``dbkit bench base --card
+    --save``), named with the ``hardware`` it ran on: a figure without its record is not one."""
     info = json.loads((Path(path) / "recipe.json").read_text())
     acc = bench["accuracy"]
     keys = ("background", "colour", "size", "shape", "pattern", "position")
@@ -452,7 +454,7 @@ EMA of the UNet; then the VAE decoder alone {info.get("decoder_steps")} steps on
 two-tone paint jobs ({info.get("decoder_seconds")} s), so it can draw what DreamBooth subjects look like.{_phase3(info)}
 
 ## Measured (`dbkit bench base --model <this folder>`)
-
+{_record_line(record, hardware)}
 {acc["n"]} held-out captions (attribute combinations never seen in pretraining), {acc["steps"]} DDIM
 steps, CFG {acc["guidance"]}, one fixed seed per caption; the oracle reads each image back:
 
@@ -483,6 +485,12 @@ dbkit imported (`dbkit bench load` run in a fresh process also counts the import
 """
 
 
+def _record_line(record: str | None, hardware: str | None) -> str:
+    if not record:
+        return ""
+    return f"\nRecord: `{record}`" + (f", measured on {hardware}" if hardware else "") + ".\n"
+
+
 def _phase3(info: dict) -> str:
     if not info.get("continue_steps"):
         return ""
@@ -496,10 +504,11 @@ TARGETS = {"background": 0.9, "shape": 0.8, "colour": 0.8}
 
 
 def _verdict(acc: dict) -> str:
-    short = [f"{k} {acc[k]:.0%} (target {t:.0%})" for k, t in TARGETS.items() if acc[k] < t]
+    short = [f"{k} {acc[k]:.0%} (target `{t:.0%}`)" for k, t in TARGETS.items() if acc[k] < t]
     if not short:
         return ("Background, shape and colour meet the targets (" +
-                ", ".join(f"{k} ≥ {t:.0%}" for k, t in TARGETS.items()) + ").")
+                # targets are settings, not measurements: in backticks, as settings are quoted
+                ", ".join(f"{k} ≥ `{t:.0%}`" for k, t in TARGETS.items()) + ").")
     return "Below target: " + ", ".join(short) + "; more pretraining compute is what it lacks."
 
 
