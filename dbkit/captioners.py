@@ -28,7 +28,7 @@ from . import cpu_threads
 from . import model_folders as mf
 from .data import file_digest, open_rgb
 from .files import atomic_write_json, read_json
-from .hashing import cache_path
+from .hashing import cache_path, writable_cache_dir
 from .model_folders import CAPTION_MODEL_SECTIONS as SECTIONS
 
 # WD14 categories in selected_tags.csv
@@ -80,6 +80,7 @@ def _cached(kind: str, key: dict, compute) -> tuple[Any, bool]:
         found = None
     if isinstance(found, dict) and found.get("key") == key:
         return found["value"], True
+    writable_cache_dir(path.parent)
     value = compute()
     atomic_write_json(path, {"key": key, "value": value})
     return value, False

@@ -53,6 +53,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # rather than passed over in silence (a HEIC beside PNGs would otherwise just vanish).
 OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".psd", ".tif", ".tiff", ".gif", ".svg", ".jp2",
                         ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf")
+SIDECAR_SUFFIXES = (".txt", ".json", ".jsonl")  # captions and metadata beside the photos
 TOYWORLD_DATA = Path("data/toyworld")
 CLASS_PREFIX = "class:"  # toyworld:class:<shape>: the world's ordinary objects of a class (real class images)
 ON_BAD_IMAGE = ("fail", "skip")
@@ -104,6 +105,21 @@ def list_images(folder: Path) -> list[Path]:
         found = f" (found {', '.join(others)}: convert them to JPEG or PNG)" if others else ""
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found{found}; add some")
     return files
+
+
+def unsupported_note(folder: Path, shown: int = 3) -> str:
+    """The files of `folder` that are not images dbkit reads (nor caption sidecars), the first
+    `shown` by name, and how to convert them; "" when there are none. A folder of phone photos
+    (.heic) otherwise reads as empty to a user who can see the photos in it."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() not in (*IMAGE_SUFFIXES, *SIDECAR_SUFFIXES))
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    heif = " (HEIC: export as JPEG, or `pip install pillow-heif` and re-save with Pillow)" if any(
+        n.lower().endswith((".heic", ".heif")) for n in names) else ""
+    return (f"it holds {len(names)} file(s) dbkit does not read: {', '.join(names[:shown])}{more}; "
+            f"dbkit reads {' '.join(IMAGE_SUFFIXES)}: convert them to PNG or JPEG{heif}")
 
 
 def unreadable_files(folder: Path) -> list[str]:

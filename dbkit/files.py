@@ -83,6 +83,6 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     """Parsed JSON of ``path``, or ``default`` when the file does not exist."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path through a regular file cannot exist either
         return default
     return json.loads(text)

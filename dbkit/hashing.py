@@ -40,5 +40,30 @@ def cache_path(kind: str, key: dict, root: Path | None = None) -> Path:
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", kind):
         raise ValueError(f"cache kind {kind!r} must be a simple folder name")
-    base = Path(os.environ.get("DBKIT_CACHE", ".cache/dbkit")) if root is None else Path(root)
+    base = cache_root() if root is None else Path(root)
     return base / kind / stable_hash(key)[:16]
+
+
+def cache_root() -> Path:
+    """``$DBKIT_CACHE``, else ``.cache/dbkit`` (relative to the project root dbkit works in)."""
+    return Path(os.environ.get("DBKIT_CACHE", ".cache/dbkit"))
+
+
+class CacheNotWritable(RuntimeError):
+    """The cache folder cannot be written; the message names it and how to move it."""
+
+
+def writable_cache_dir(folder: Path) -> Path:
+    """Create ``folder`` (a :func:`cache_path`) and check a file can be written in it, before a
+    cache entry is computed: a bare PermissionError would name a hashed sub-folder the user
+    never chose, and only after the work that was to be cached."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}.tmp"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CacheNotWritable(
+            f"{cache_root()}: the cache folder is not writable ({e.strerror or e}: {e.filename or folder}): make "
+            "it writable, or set DBKIT_CACHE=<a writable folder> to move the cache") from e
+    return folder

@@ -201,6 +201,7 @@ def run_merges(exp: config.Experiment, rd: Path, *, progress: bool = True) -> di
     folder = runs.cache_path("merges", cache_key(exp, sources))
     if (hit := read_json(folder / "merges.json")) is not None:
         return hit
+    runs.writable_cache_dir(folder)
     t0 = time.time()
     merged = build_merges(p, sources, folder)
     pair = pair_of(sources)

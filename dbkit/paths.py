@@ -35,7 +35,7 @@ def find_params(params_path: str | Path, cwd: Path | None = None) -> Path:
     if p.is_absolute():
         if p.is_file():
             return p
-        raise ParamsNotFound(f"{p}: params file not found")
+        raise ParamsNotFound(folder_not_params(p) if p.is_dir() else f"{p}: params file not found")
     here = _absolute(cwd or Path.cwd())
     tried = []
     if os.environ.get(ROOT_ENV):
@@ -44,9 +44,18 @@ def find_params(params_path: str | Path, cwd: Path | None = None) -> Path:
     for candidate in tried:
         if candidate.is_file():
             return candidate
+    for candidate in tried:
+        if candidate.is_dir():  # `dbkit run params/notes`: a folder of params files
+            raise ParamsNotFound(folder_not_params(params_path))
     raise ParamsNotFound(f"{params_path}: params file not found (looked in {here} and every folder above it"
                          + (f", and in ${ROOT_ENV}={os.environ[ROOT_ENV]}" if os.environ.get(ROOT_ENV) else "")
                          + "): pass a path relative to the project root, e.g. params/demo.yaml")
+
+
+def folder_not_params(params_path: str | Path) -> str:
+    """The message for a params path that names a folder (`dbkit run params/notes`)."""
+    return (f"{params_path} is a folder, not a params file: name a .yaml file, e.g. params/demo.yaml "
+            "(or params/notes/*.yaml)")
 
 
 def project_root(params_file: Path) -> Path:

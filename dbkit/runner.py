@@ -38,6 +38,7 @@ are already base64 PNGs in the outputs. Consequence: LaTeX in Markdown shows as 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import html
 import os
 import re
@@ -48,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
-from . import config, files, runs
+from . import config, files, intervals, runs
 
 NOTEBOOKS = ("01_data", "02_captions", "03_train", "04_ablations", "05_report")
 TITLES = {"01_data": "Data", "02_captions": "Captions", "03_train": "Training",
@@ -747,16 +748,33 @@ def _entry(folder: Path) -> str:
 
 def _versions(folder: Path) -> list[dict]:
     """One experiment's version folders (failed attempts included), newest first: the fields
-    of version.json plus dir, summary, has_summary and when (publication time)."""
+    of version.json plus dir, summary, has_summary, when (publication time, seconds) and shown
+    (that time as the pages print it)."""
     out = []
     for d in folder.iterdir() if folder.is_dir() else []:
         stamp = d / VERSION_FILE if (d / VERSION_FILE).is_file() else d / "summary.json"
         if d.name.startswith(".") or not d.is_dir() or not stamp.is_file():
             continue
-        info = _read_dict(d / VERSION_FILE)
-        out.append({**info, "dir": d.name, "summary": _read_dict(d / "summary.json"), "when": stamp.stat().st_mtime,
+        info, summary = _read_dict(d / VERSION_FILE), _read_dict(d / "summary.json")
+        when, shown = _published(info, summary, stamp)
+        out.append({**info, "dir": d.name, "summary": summary, "when": when, "shown": shown,
                     "has_summary": (d / "summary.json").is_file(), "status": info.get("status", "ok")})
     return sorted(out, key=lambda v: (-v["when"], v["dir"]))
+
+
+def _published(info: dict, summary: dict, stamp: Path) -> tuple[float, str]:
+    """(seconds, minute as written) of a version's publication: version.json's "published",
+    else summary.json's "date", else the file's mtime. The recorded times come first because a
+    git clone gives every file the checkout's mtime, which would reorder and rewrite the pages."""
+    for text in (info.get("published"), summary.get("date")):
+        try:
+            t = dt.datetime.fromisoformat(str(text))
+        except ValueError:
+            continue
+        t = t if t.tzinfo else t.replace(tzinfo=dt.UTC)  # as runs.utc_now writes them
+        return t.timestamp(), str(text)[:16].replace("T", " ")
+    mtime = stamp.stat().st_mtime
+    return mtime, time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
 
 
 def _experiment_row(folder: Path) -> _Row | None:
@@ -783,10 +801,20 @@ def _other_versions(r: _Row) -> str:
     return " ".join(links)
 
 
-def _fmt_metric(v: Any) -> str:
+def _fmt_metric(v: Any, ci: tuple[float, float] | None = None) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.4g}" + (f'<br><span class="ci">[{ci[0]:.2f}, {ci[1]:.2f}]</span>' if ci else "")
     return html.escape(str(v)) if v is not None else ""
+
+
+def _best_intervals(summary: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """Wilson 95% intervals of the key metrics' rates, from the best row they were taken from."""
+    metrics = summary.get("metrics") if isinstance(summary.get("metrics"), Mapping) else {}
+    rows = summary.get("rows") if isinstance(summary.get("rows"), list) else []
+    best = next((r for r in rows if isinstance(r, Mapping) and r.get("label") == metrics.get("best")), None)
+    if best is None or not isinstance(best.get("metrics"), Mapping):
+        return {}
+    return {k: ci for k in metrics if (ci := intervals.interval(best["metrics"], k)) is not None}
 
 
 _INDEX_CSS = """
@@ -802,6 +830,8 @@ th.rank, td.rank { background: #fff8c5; }
 code { font-size: 0.85em; color: #57606a; }
 a { color: #0969da; }
 """
+# only the index shows intervals: a rule in _INDEX_CSS would rewrite every committed versions page
+_CI_CSS = "span.ci { color: #57606a; font-size: .8em; white-space: nowrap; }\n"
 
 
 def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = None) -> Path:
@@ -824,6 +854,8 @@ def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = N
         write_versions_page(folder)
     rows, rank_by = _ranked_rows(folders)
     sub = f"{len(rows)} experiment(s)" + (f", ranked by {html.escape(rank_by)}" if rank_by else "")
+    sub += (" · a rate's <span class=\"ci\">[low, high]</span> is its Wilson 95% interval over the images "
+            "it was measured on: rows whose intervals overlap may differ by noise alone")
     latest = [(r.name, r.href, r.summary) for r in rows]
     all_runs = index_tables.all_runs_html(index_tables.all_runs(latest, project))
     notes = index_tables.notes_html(index_tables.notes_experiments(
@@ -832,7 +864,7 @@ def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = N
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>dbkit experiments</title><style>{_INDEX_CSS}{index_tables.INDEX_CSS}</style></head><body>"
+        f"<title>dbkit experiments</title><style>{_INDEX_CSS}{_CI_CSS}{index_tables.INDEX_CSS}</style></head><body>"
         f'<h1>Experiments</h1><p class="sub">{sub}</p>{_ranking_table(rows, rank_by, project)}'
         f"{all_runs}{notes}<script>{index_tables.SORT_JS}</script></body></html>\n"
     )
@@ -878,8 +910,9 @@ def _ranking_table(rows: list[_Row], rank_by: str | None, project: Path) -> str:
         notes = s.get("notes") if isinstance(s.get("notes"), dict) else {}
         hypo = html.escape(str(s.get("hypothesis") or notes.get("hypothesis") or "").strip()).replace("\n", "<br>")
         hypo += index_tables.stale_html(index_tables.conclusion_check(s, project))
+        cis = _best_intervals(s)
         cells = "".join(f'<td class="num{" rank" if n == rank_by else ""}">'
-                        f"{_fmt_metric(_summary_metrics(r).get(n))}</td>" for n in names)
+                        f"{_fmt_metric(_summary_metrics(r).get(n), cis.get(n))}</td>" for n in names)
         # the version folder names what the row shows (run + ablation + merge); an older
         # dbkit's flat folder has only the run hash
         h = html.escape(r.version or str(s.get("hash") or "")[:12])
@@ -925,7 +958,7 @@ def _version_row(folder: Path, v: dict, latest: bool) -> str:
     link = f'<a href="{d}/{entry}"><code>{d}</code></a>' if entry else f"<code>{d}</code>"
     status = "latest" if latest else ("failed in " + html.escape(str(v.get("failed", "?")))
                                       if v["status"] == "failed" else "earlier")
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["when"]))
+    when = html.escape(v["shown"])
     params = " ".join([str(v.get("params_file") or ""), *(f"-p {o}" for o in v.get("overrides") or [])])
     pages = ", ".join(TITLES.get(nb, str(nb)) for nb in v.get("notebooks") or [])
     m = v["summary"].get("metrics")

@@ -33,7 +33,7 @@ import yaml
 from . import hardware
 from .config import Experiment
 from .files import atomic_write_json, atomic_write_text, read_json
-from .hashing import cache_path, stable_hash  # noqa: F401  (runs.cache_path is public)
+from .hashing import cache_path, stable_hash, writable_cache_dir  # noqa: F401  (runs.cache_path is public)
 
 RUNS_ROOT = Path("runs")
 _REPO_ROOT = Path(__file__).resolve().parent.parent

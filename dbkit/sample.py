@@ -16,6 +16,7 @@ from PIL import Image
 
 from . import cpu_threads
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .hashing import writable_cache_dir
 from .runs import cache_path
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -69,7 +70,7 @@ def class_images(load_pipe, base_id: str, p: dict, prompts: str | list[str]) -> 
     done = read_json(folder / "done.json")
     if done == key:
         return folder, True
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_cache_dir(folder)
     seeds = list(range(pr["seed"], pr["seed"] + pr["num_images"]))
     pipe, lines = load_pipe(), []
     for k, prompt in enumerate(prompts):

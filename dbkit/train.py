@@ -16,8 +16,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import pickle
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -436,8 +438,36 @@ def export_checkpoint(ckpt: Path, p: dict, base_path: Path, family: str, caption
     return out
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer, lr_sched, ema, grad_accum: int = 1) -> int:
-    state = torch.load(path / "state.pt", weights_only=False)
+def readable_checkpoint(ckpt_root: Path, *, warn: bool = True) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose state.pt loads, and that state. A damaged one (cut short by a
+    full disk or a partial copy: the atomic rename guards only dbkit's own writes) is passed
+    over with one warning naming it, so a resume falls back instead of failing every time."""
+    damaged = []
+    for ckpt in sorted(ckpt_root.glob("checkpoint-*"), reverse=True):
+        try:
+            state = torch.load(ckpt / "state.pt", weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            damaged.append(f"{ckpt / 'state.pt'} ({_load_error(e)})")
+            continue
+        if damaged and warn:
+            print(f"warning: {'; '.join(damaged)}: damaged checkpoint, not loadable; resumed from {ckpt.name} "
+                  "instead", file=sys.stderr)
+        return ckpt, state
+    if damaged and warn:
+        print(f"warning: {'; '.join(damaged)}: damaged checkpoint, not loadable, and no other checkpoint is left: "
+              "training starts again from step 0", file=sys.stderr)
+    return None
+
+
+def _load_error(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e).split(". ")[0][:120] or type(e).__name__  # torch's zip errors run on for lines
+
+
+def load_checkpoint(path: Path, state: dict, modules: dict, optimizer, lr_sched, ema, grad_accum: int = 1) -> int:
+    """Copy the state read from checkpoint `path` into the modules, optimizer, schedule and EMA;
+    returns its step."""
     if state.get("grad_accum", 1) != grad_accum:  # older dbkit counted micro-batches as steps
         raise TrainingError(f"{path} counts steps of {state.get('grad_accum', 1)} micro-batch(es), this run of "
                             f"train.grad_accum={grad_accum}: delete {path.parent} to train afresh")
@@ -672,12 +702,12 @@ def prepare_modules(accel, parts: Parts) -> tuple[torch.nn.Module, list[torch.nn
 
 
 def resume(tr: Trainer) -> int:
-    """The step to start from: the latest checkpoint's, or 0. The log loses what an
+    """The step to start from: the latest readable checkpoint's, or 0. The log loses what an
     interrupted run wrote past that checkpoint."""
     start = 0
-    last = latest_checkpoint(tr.ckpt_root)
-    if last is not None:
-        start = load_checkpoint(last, tr.modules, tr.optimizer, tr.lr_sched, tr.ema,
+    found = readable_checkpoint(tr.ckpt_root, warn=tr.accel.is_main_process)
+    if found is not None:
+        start = load_checkpoint(*found, tr.modules, tr.optimizer, tr.lr_sched, tr.ema,
                                 grad_accum=tr.p["train"]["grad_accum"])
     if tr.log_path.exists():
         # a torn last line (killed mid-write) is dropped here with a warning, not appended to
@@ -738,9 +768,7 @@ def micro_step(tr: Trainer, step: int, micro: int, te_on: bool, ti_on: bool) -> 
         prompts += [tr.klass[i].record["caption"] for i in cidx]
     loss, l_inst, l_prior = batch_loss(tr, batch, prompts, len(idx), gen, te_on or ti_on)
     if not torch.isfinite(loss):
-        kept = latest_checkpoint(tr.ckpt_root)
-        raise TrainingError(f"loss became {loss.item()} at step {step}: lower train.lr (now {t['lr']}) "
-                            f"or enable train.max_grad_norm; last good checkpoint: {kept}")
+        raise TrainingError(nan_message(t, step, loss.item(), latest_checkpoint(tr.ckpt_root)))
     accel.backward(loss)  # divided by train.grad_accum: the update follows the mean over micro-batches
     if not te_on:
         for q in tr.te_params:
@@ -749,6 +777,19 @@ def micro_step(tr: Trainer, step: int, micro: int, te_on: bool, ti_on: bool) -> 
         for e in tr.embs:
             e.weight.grad = None
     return loss.item(), l_inst.item(), l_prior.item()
+
+
+def nan_message(t: dict, step: int, loss: float, kept: Path | None) -> str:
+    """A non-finite loss: the knobs these params have not turned yet (advising clipping that is
+    already on sends the user in a circle), and where the last checkpoint is, if any."""
+    fixes = [f"lower train.lr (now {t['lr']})"]
+    if t["max_grad_norm"] <= 0:
+        fixes.append("set train.max_grad_norm: 1.0")
+    if t["mixed_precision"] != "no":
+        fixes.append(f"set train.mixed_precision: no (now {t['mixed_precision']})")
+    where = (f"last good checkpoint: {kept}" if kept is not None else
+             f"no checkpoint was saved before it (train.save_every {t['save_every']})")
+    return f"loss became {loss} at step {step + 1}: {' or '.join(fixes)}; {where}"  # step as the log counts
 
 
 def batch_loss(tr: Trainer, batch: list[Example], prompts: list[str], n_instance: int, gen: torch.Generator,

@@ -394,6 +394,7 @@ def evaluate_base(p: dict) -> dict | None:
     cached = runs.cache_path("base_metrics", key) / "metrics.json"
     if (hit := read_json(cached)) is not None:
         return hit
+    runs.writable_cache_dir(cached.parent)
     result = _evaluate(p, models.load_pipeline(path, family))
     atomic_write_json(cached, result)
     return result

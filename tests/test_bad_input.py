@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dbkit import cli, config, report, runner, runs, train, workflow
+from dbkit import captions, cli, config, data, report, runner, runs, train, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = f"""extends: {ROOT / 'params' / 'base.yaml'}
@@ -221,6 +222,29 @@ def notebook_03(*codes: str) -> Callable[[World], list[str]]:
     return setup
 
 
+def phone_photos(w: World) -> list[str]:
+    for i in range(5):
+        w.write(f"phone/IMG_{i:04d}.HEIC", b"\0\0\0\x18ftypheic" + bytes(64))
+    return w.argv("-p", "data.instance_images=phone")
+
+
+def model_file(w: World) -> list[str]:
+    w.write("models/sd15.safetensors", b"not a folder")
+    return w.argv("-p", "base.model=models/sd15.safetensors")
+
+
+def cache_not_writable(w: World) -> list[str]:
+    """01_data (as the shipped notebook calls it) with the cache where no folder can be made. A
+    read-only .cache is simulated by a cache root inside a regular file: the tests run as root,
+    which chmod does not stop, and the kernel is another process, which a monkeypatch would miss."""
+    w.write("cache-file", "")
+    w.monkeypatch.setenv("DBKIT_CACHE", "cache-file/dbkit")
+    make_notebook(w.root / "nbs" / "01_data.ipynb", "from dbkit import workflow",
+                  "exp, rd = workflow.open_experiment(params_path, overrides, run_dir, stage='data')",
+                  "workflow.prepare_data(exp, rd)")
+    return w.argv("-p", "prior.enabled=true", "-p", "prior.num_images=2", "--only", "01_data")
+
+
 LONG = "x" * 130
 NO_CUDA = not torch.cuda.is_available()
 DUP = f"extends: {ROOT / 'params' / 'base.yaml'}\ntrain:\n  steps: 50\n  lr: 0.001\n  steps: 1000\n"
@@ -338,6 +362,24 @@ CASES = [
      r"for lack of memory: lower train\.batch_size or data\.resolution, or close other programs, then `dbkit run "
      r"params/exp\.yaml --only 03_train --notebooks nbs` \(training resumes from its latest checkpoint; the "
      r"process's last output is in runs/exp/{h}/kernel-03_train\.log\)", 1, True),
+    ("photo folder of .heic only", phone_photos,
+     r"^error: command line: 'data\.instance_images' folder 'phone' has no images dbkit reads; it holds 5 file\(s\) "
+     r"dbkit does not read: IMG_0000\.HEIC, IMG_0001\.HEIC, IMG_0002\.HEIC and 2 more; dbkit reads \.png \.jpg "
+     r"\.jpeg \.webp \.bmp: convert them to PNG or JPEG \(HEIC: export as JPEG, or `pip install pillow-heif` and "
+     r"re-save with Pillow\)$", 2, False),
+    ("base.model is a file", model_file,
+     r"^error: command line: base\.model: models/sd15\.safetensors is a file; point it at the model folder \(the "
+     r"one with model_index\.json\) or 'toyworld'$", 2, False),
+    ("params path is a folder", lambda w: w.argv(params="params"),
+     r"^error: params is a folder, not a params file: name a \.yaml file, e\.g\. params/demo\.yaml \(or "
+     r"params/notes/\*\.yaml\)$", 2, False),
+    ("resolution below the base's latent grid", override("data.resolution=8"),
+     r"^error: command line: 'data\.resolution' is 8, but this sd2 base \(toyworld\) needs a multiple of 16 \(its "
+     r"VAE and UNet downsample 16×\), so at least 16: use 16$", 2, False),
+    ("cache folder not writable", cache_not_writable,
+     r"^FAILED: 01_data\.ipynb, cell \d+: CacheNotWritable: cache-file/dbkit: the cache folder is not writable \(Not "
+     r"a directory: cache-file/dbkit/class_images/\w+\): make it writable, or set DBKIT_CACHE=<a writable folder> "
+     r"to move the cache\n  see reports/exp/failed-\w{12}/01_data\.html", 1, True),
 ]
 
 
@@ -544,3 +586,81 @@ def test_a_flat_report_of_an_older_dbkit_becomes_a_version(world: World) -> None
     assert (flat / ("f" * 12) / "index.html").read_text() == "<p>old report</p>"
     assert (flat / ("f" * 12) / "03_train.html").read_text() == "<p>old training</p>"
     assert 'href="ffffffffffff/index.html"' in (flat / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------- training on the tiny base
+
+
+def tiny_params(*extra: str) -> dict:
+    return config.load("params/base.yaml", ["train.steps=6", "train.batch_size=1", "train.save_every=2",
+                                            "train.keep_checkpoints=3", "train.sample_every=0",
+                                            "prior.enabled=false", "experiment=t", *extra]).params
+
+
+def train_tiny(p: dict, rd: Path, **kw) -> Path:
+    records = captions.build_captions(data.build_manifest(data.resolve_folder(p["data"]["instance_images"])),
+                                      captions.effective_params(p))
+    return train.train(p, rd, records, base_path=Path(p["base"]["model"]), family="sd15", progress=False, **kw)
+
+
+def cut_in_half(path: Path) -> None:
+    """What a full disk or an interrupted copy leaves: the first half of the file."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(in_tmp: Path, tiny_base: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    p, rd = tiny_params(f"base.model={tiny_base}"), in_tmp / "run"
+    train_tiny(p, rd, max_steps=4)  # checkpoints at steps 2 and 4
+    bad = rd / "checkpoints" / "checkpoint-000004" / "state.pt"
+    uninterrupted = torch.load(bad, weights_only=False)["params"]
+    cut_in_half(bad)
+    capsys.readouterr()
+
+    train_tiny(p, rd, max_steps=4)  # steps 3 and 4 again, from checkpoint 2
+
+    assert re.search(rf"^warning: {re.escape(str(bad))} \(PytorchStreamReader failed reading zip archive: failed "
+                     r"finding central directory\): damaged checkpoint, not loadable; resumed from checkpoint-000002 "
+                     r"instead$", capsys.readouterr().err, re.M)
+    assert [r["step"] for r in train.read_train_log(rd / "train_log.jsonl")] == [1, 2, 3, 4]
+    again = torch.load(bad, weights_only=False)["params"]  # saved anew over the damaged one
+    assert again.keys() == uninterrupted.keys() and all(torch.equal(again[k], uninterrupted[k]) for k in again)
+
+    for ckpt in (rd / "checkpoints").iterdir():
+        cut_in_half(ckpt / "state.pt")
+    train_tiny(p, rd, max_steps=2)
+    assert re.search(r"^warning: \S+/checkpoint-000004/state\.pt \(.*\); \S+/checkpoint-000002/state\.pt \(.*\): "
+                     r"damaged checkpoint, not loadable, and no other checkpoint is left: training starts again "
+                     r"from step 0$", capsys.readouterr().err, re.M)
+    assert [r["step"] for r in train.read_train_log(rd / "train_log.jsonl")] == [1, 2]
+
+
+def test_a_nan_loss_advises_only_what_the_params_have_not_tried(in_tmp: Path, tiny_base: Path) -> None:
+    p = tiny_params(f"base.model={tiny_base}", "train.lr=1e30", "train.steps=30", "train.save_every=10")
+    assert p["train"]["max_grad_norm"] == 1.0  # clipping is on: advising it would send the user in a circle
+    with pytest.raises(train.TrainingError) as e:
+        train_tiny(p, in_tmp / "run")
+    assert re.fullmatch(r"loss became \S+ at step \d: lower train\.lr \(now 1e\+30\); no checkpoint was saved "
+                        r"before it \(train\.save_every 10\)", str(e.value)), e.value
+    t = p["train"] | {"max_grad_norm": 0.0, "mixed_precision": "bf16"}
+    assert train.nan_message(t, 11, float("nan"), Path("ck/checkpoint-000010")) == (
+        "loss became nan at step 12: lower train.lr (now 1e+30) or set train.max_grad_norm: 1.0 or set "
+        "train.mixed_precision: no (now bf16); last good checkpoint: ck/checkpoint-000010")
+
+
+def test_versions_pages_do_not_change_on_a_fresh_clone(tmp_path: Path) -> None:
+    """A clone gives every file the checkout's time: rebuilding the index there (as `dbkit run`
+    and `dbkit report` do) must leave each committed versions page byte for byte as it is."""
+    reports = tmp_path / "reports"
+    shutil.copytree(ROOT / "reports", reports)
+    now = time.time()
+    for i, f in enumerate(sorted(reports.rglob("*"))):  # later folders older: against the publication order
+        os.utime(f, (now - i, now - i))
+
+    runner.build_index(reports, notes_dir=ROOT / "params" / "notes")
+
+    pages = sorted(ROOT.glob("reports/*/index.html"))
+    assert len(pages) > 10
+    assert [p.parent.name for p in pages if (reports / p.parent.name / "index.html").read_bytes() != p.read_bytes()] \
+        == []
