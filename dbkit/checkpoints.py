@@ -25,7 +25,7 @@ from .files import atomic_write_text
 def experiment_of(rd: Path) -> config.Experiment:
     """The experiment a run folder was trained with (its ``params.yaml``, validated again);
     this process computes with its thread count from here on."""
-    exp = config.load(Path(rd) / "params.yaml", [])
+    exp = config.load(Path(rd) / "params.yaml", [], check_prose=False)  # the prose of its day
     cpu_threads.apply(exp.params)
     return exp
 

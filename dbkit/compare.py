@@ -65,7 +65,7 @@ def run_folder(arg: str | Path) -> Path:
                                "params file")
         return p
     if p.is_file():
-        exp = config.load(p, [])
+        exp = config.load(p, [], check_prose=False)  # comparing publishes nothing
         rd = runs.RUNS_ROOT / exp.name / exp.hash[:12]  # not runs.run_dir: comparing creates nothing
         if not (rd / "params.yaml").is_file():
             raise CompareError(f"{p}: its run folder {rd} does not exist yet: `dbkit run {p}` first")

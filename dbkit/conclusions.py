@@ -34,7 +34,10 @@ from typing import Any
 from . import intervals
 
 # two or three decimals, not part of a longer number or a version string
-_FIGURE_RE = re.compile(r"(?<![\w.])([01]?\.\d{2,3})(?!\.?\d)")
+# two or more decimals (a table cell copied whole, 0.6146, counts too), not part of a longer
+# number or a version string; values below 0.01 written with 4+ decimals are rates of learning
+# or decay (0.0004), not figures
+_FIGURE_RE = re.compile(r"(?<![\w.])([01]?\.(?!00\d\d)\d{2,})(?!\.?\d)")
 _CODE_RE = re.compile(r"`[^`]*`")
 
 EMPTY = "no measured conclusion yet"
@@ -65,14 +68,14 @@ def references(text: str) -> list[Reference]:
     """The references in a conclusion, in order (see the module docstring)."""
     out = []
     for m in _REF_RE.finditer(text or ""):
-        rows = tuple(r.strip() for r in m.group(2).split(" - "))
+        rows = tuple(r.strip() for r in " ".join(m.group(2).split()).split(" - "))  # wrapped lines too
         out.append(Reference(m.group(0), m.group(1), rows, bool(m.group(3)) or len(rows) == 2))
     return out
 
 
 def _row(label: str, rows: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     for row in rows:
-        name = str(row.get("label", ""))
+        name = " ".join(str(row.get("label", "")).split())
         if name == label or (label == MAIN and name.endswith(" (this run)")):
             return row
     return None
@@ -89,8 +92,13 @@ def _value(metrics: Mapping[str, Any], dotted: str) -> float | None:
 def resolve(ref: Reference, rows: Iterable[Mapping[str, Any]]) -> str:
     """The text a reference stands for; :class:`KeyError` naming the missing row or metric."""
     rows = [r for r in rows if isinstance(r, Mapping)]
+    labels = ref.rows
+    if len(labels) > 1 and _row(" - ".join(labels), rows) is not None:  # a label that holds " - "
+        labels = (" - ".join(labels),)
+    elif len(labels) > 2:
+        raise KeyError(f"{ref.text}: a difference names two rows, not {len(labels)}")
     found = []
-    for label in ref.rows:
+    for label in labels:
         row = _row(label, rows)
         if row is None:
             raise KeyError(f"{ref.text}: no row '{label}' in the table (rows: "
@@ -119,6 +127,7 @@ def render(text: str, rows: Iterable[Mapping[str, Any]]) -> str:
     """The conclusion with every reference filled in from ``rows``; a reference that does not
     resolve is left as written, marked ``⚠``."""
     rows = list(rows)
+    text = " ".join(str(text or "").split())  # as check() reads it: a reference may wrap lines
 
     def fill(m: re.Match) -> str:
         ref = references(m.group(0))[0]
@@ -127,7 +136,7 @@ def render(text: str, rows: Iterable[Mapping[str, Any]]) -> str:
         except KeyError:
             return f"⚠{ref.text}"
 
-    return _REF_RE.sub(fill, text or "")
+    return _REF_RE.sub(fill, text)
 
 
 def bare_figures(text: str, ignore: Iterable[Any] = ()) -> list[str]:

@@ -1246,12 +1246,15 @@ def _check_ablation(path: Path, params: dict, check_files: bool) -> None:
             raise ConfigError(f"{_show(path)}: ablation variant {where}: {e}") from None
 
 
-def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_files: bool = True) -> Experiment:
+def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_files: bool = True,
+         check_prose: bool = True) -> Experiment:
     """Resolve and validate a params file plus overrides (``["train.lora.rank=32"]`` or a dict).
 
     Raises :class:`ConfigError` for any problem; ``check_files=False`` skips the checks
     that look at the disk (image folders, model folders, the hub cache) and the machine
-    (adamw8bit needs bitsandbytes and CUDA).
+    (adamw8bit needs bitsandbytes and CUDA). ``check_prose=False`` skips the conclusion's
+    bare-figure check: for params a run folder saved (they keep the prose of their day) and
+    merge sources, which are read, not published.
     """
     path = Path(path)
     chain = _chain(path)
@@ -1261,6 +1264,7 @@ def load(path: str | Path, overrides: list[str] | dict | None = None, *, check_f
     if len(chain) > 1:
         # only for diffing: files the child overrides away need not exist
         parent, _ = _resolve(chain[:-1], {}, check_files=False, top=chain[-2][0])
-    _check_conclusion(path, params, parent)
+    if check_prose:
+        _check_conclusion(path, params, parent)
     return Experiment(name=name, path=path, params=params, chain=tuple(p for p, _ in chain),
                       hash=params_hash(params), _parent=parent, _check_files=check_files)

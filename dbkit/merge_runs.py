@@ -41,7 +41,7 @@ def resolve_sources(exp: config.Experiment, rd: Path, *, progress: bool = True) 
             raise merge.MergeError(f"merge.loras: {entry!r} does not exist; name \"this\", a params file, a run "
                                    "folder or a LoRA .safetensors file")
         if path.suffix in (".yaml", ".yml"):
-            src = config.load(path)
+            src = config.load(path, check_prose=False)  # a source is trained, not published
             srd, _ = workflow.train_variant(src, progress=progress)
             out.append(Source(src.name, srd / "output", src.params, srd))
         else:

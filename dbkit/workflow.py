@@ -506,7 +506,9 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
         name = f"grid_p{k}.png"
         atomic_write_bytes(rd / "ablation" / name, sample.png_bytes(grid))
         grids.append({"prompt": prompt, "file": f"ablation/{name}"})
-    result = {"vary": p["ablation"]["vary"], "variants": p["ablation"]["variants"], "rows": rows, "grids": grids}
+    # the run folder is shared by every report version of this run hash: the table names its version
+    result = {"vary": p["ablation"]["vary"], "variants": p["ablation"]["variants"], "rows": rows, "grids": grids,
+              "version": exp.version}
     atomic_write_json(rd / "ablation.json", result)
     return result
 
@@ -549,11 +551,20 @@ def _with_params(row: dict) -> dict:
     return row | {"params": params} if params is not None else row
 
 
+class AblationMismatch(ValueError):
+    """The run folder's ablation.json was made for another report version of the same run."""
+
+
 def summarise(exp: config.Experiment, rd: Path) -> dict:
     """Everything the report shows, gathered from the run folder's files."""
     from . import conclusions
 
     ab = read_json(rd / "ablation.json") or {"rows": [], "grids": [], "vary": {}}
+    if ab.get("version") not in (None, exp.version):
+        raise AblationMismatch(
+            f"{rd / 'ablation.json'} holds the table of another version of this experiment ({ab['version'][:12]}, "
+            f"these params make {exp.version[:12]}: ablation or merge changed): run notebooks/04_ablations.ipynb "
+            "first with the same params (`dbkit run <params> --only 04_ablations 05_report`)")
     parent = exp.parent_params()
     diff = {k: v for k, v in (config.diff(parent, exp.params) if parent else {}).items()
             if not k.startswith(("notes", "experiment"))}

@@ -128,3 +128,27 @@ def test_notes_verdict_is_validated(tmp_path) -> None:
         config.load(f, [])
     f.write_text(f"extends: {config.BASE_PATH}\nnotes: {{verdict: differs}}\n", encoding="utf-8")
     assert config.load(f, []).params["notes"]["verdict"] == "differs"
+
+
+def test_saved_run_params_with_the_prose_of_their_day_still_load(tmp_path) -> None:
+    """A run folder's params.yaml keeps the conclusion as it read then (bare figures included):
+    dbkit evaluate/checkpoints and merge sources read it, they do not publish it."""
+    f = tmp_path / "params.yaml"
+    f.write_text(f"extends: {config.BASE_PATH}\nnotes: {{conclusion: 'rank 4 reads 0.67'}}\n")
+    with pytest.raises(config.ConfigError, match="copies figure"):
+        config.load(f)
+    assert config.load(f, check_prose=False).params["notes"]["conclusion"] == "rank 4 reads 0.67"
+
+
+def test_edge_cases_of_references_and_bare_figures() -> None:
+    # the table cell copied whole is as bare as its rounding; a learning rate is no figure
+    assert conclusions.bare_figures("prompt fidelity 0.6146 at lr 0.0004") == ["0.6146"]
+    rows = [{"label": "merge: weighted (subject + style prompts)", "metrics": {"subject_fidelity": 0.45}},
+            {"label": "a - b", "metrics": {"subject_fidelity": 0.25}},
+            {"label": "a", "metrics": {"subject_fidelity": 0.5}}]
+    # a reference wrapped across lines of a YAML block renders as check() reads it
+    wrapped = "{subject_fidelity@merge: weighted (subject +\n  style prompts)}"
+    assert conclusions.render(wrapped, rows) == "0.45" and conclusions.check(wrapped, rows)["status"] == "ok"
+    assert conclusions.render("{subject_fidelity@a - b}", rows) == "0.25"  # a label holding " - "
+    check = conclusions.check("{subject_fidelity@a - merge: weighted (subject + style prompts) - a}", rows)
+    assert check["status"] == "stale" and "two rows, not 3" in check["message"]

@@ -82,3 +82,20 @@ def test_editing_vary_publishes_a_new_version_and_trains_only_the_new_variant(in
     versions = (old.parent / "index.html").read_text()
     assert old.name in versions and new.name in versions
     assert runner.VERSION_FILE in {p.name for p in old.iterdir()}
+
+
+def test_a_report_refuses_the_table_another_version_left_in_the_shared_run_folder(tmp_path: Path) -> None:
+    """Versions of one run hash share its run folder, and so its ablation.json: rendering
+    05_report for version A after B's 04_ablations must not publish B's table as A's."""
+    from dbkit import workflow
+
+    path = tmp_path / "x.yaml"
+    path.write_text(f"extends: {config.BASE_PATH}\nexperiment: x\nablation: {{vary: {{train.lora.rank: [2]}}}}\n")
+    a = config.load(path)
+    b = config.load(path, ["ablation.vary={train.lora.rank: [2, 4]}"])
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "ablation.json").write_text(json.dumps({"vary": {}, "rows": [], "grids": [], "version": b.version}))
+    with pytest.raises(workflow.AblationMismatch, match=rf"another version .*{b.version[:12]}.*{a.version[:12]}.*"
+                                                        r"--only 04_ablations 05_report"):
+        workflow.summarise(a, rd)
