@@ -9,7 +9,7 @@ report, the index and ``dbkit`` fill them in from the table:
 - ``{prompt_fidelity@prior.enabled=False}``: a row's metric, two decimals (``0.61``);
 - ``{subject_fidelity@main|ci}``: with its Wilson 95% interval (``0.50 [0.39, 0.61]``);
 - ``{subject_fidelity@prior.enabled=False - main}``: a difference of two rows with
-  Newcombe's 95% interval, ``+0.46 [+0.31, +0.58]``, followed by ``(within noise)`` when the
+  Newcombe's 95% interval, ``+0.46 [+0.32, +0.57]``, followed by ``(within noise)`` when the
   interval holds 0. A sentence saying one row beats another cites such a difference.
 
 A row is named by its label in the table (``base``, a variant's label) or ``main`` for the

@@ -1,7 +1,7 @@
 """What machine computed a figure: CPU model, cores, torch's CPU capability, threads, GPU.
 
 Toy-world training is chaotic in float rounding: the same commit, params and thread count
-gave the demo subject fidelity 0.86 on one CPU and 0.92 on another. Which SIMD kernels torch
+gave the demo's no-prior variant subject fidelity 0.86 on one CPU and 0.92 on another. Which SIMD kernels torch
 picks (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512 …) and how many threads
 split a sum decide the rounding, so every provenance record and evidence file carries them:
 a figure quoted as exact is exact on the hardware named beside it.

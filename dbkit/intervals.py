@@ -5,9 +5,18 @@ showing something. With the notes' 8 images per prompt, ``pres`` and ``backgroun
 rates over 8 images, so 7/8 against 6/8 is noise; subject fidelity is over 72. A figure
 without its interval invites reading noise as a finding, so tables, plots and conclusions show
 one. Wilson's score interval (not the normal one) because it stays inside [0, 1] and is honest
-at 0/n and n/n, where the notes' rates often sit. A difference of two independent rates uses
-Newcombe's hybrid score interval (method 10 of Newcombe 1998), built from the two Wilson
-intervals. Both are a few lines of closed-form arithmetic; scipy/statsmodels would add a
+at 0/n and n/n, where the notes' rates often sit. A difference of two rows uses Newcombe's
+hybrid score interval (method 10 of Newcombe 1998), built from the two Wilson intervals.
+
+What these intervals cover: **evaluation sampling only**, each image (prompt fidelity: each
+requested attribute) counted as an independent trial of one trained model. They say nothing of
+training variance (each row is one training; the thread count alone moved some notes rows by
+more than these intervals), images of one seed share their noise, one broken image fails all
+its attributes (so the intervals are somewhat narrow), and two rows are drawn from the same
+prompts and seeds while Newcombe's interval treats them as independent (which widens it where
+the rows agree image by image). "Within noise" therefore means "not even evaluation sampling
+rules it out"; a difference outside it is one trained model against another, not an
+established effect. Both are a few lines of closed-form arithmetic; scipy/statsmodels would add a
 dependency for that alone.
 
 Which metrics are rates, and over how many, follows from how :mod:`dbkit.metrics` draws
@@ -36,7 +45,7 @@ def wilson(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
 
 def difference(p1: float, n1: int, p2: float, n2: int, z: float = Z95) -> tuple[float, float, float]:
     """``(p1 - p2, low, high)``: Newcombe's hybrid score interval of a difference of two
-    independent proportions (each row's images are drawn by its own model)."""
+    proportions, treated as independent samples (see the module docstring)."""
     l1, u1 = wilson(p1, n1, z)
     l2, u2 = wilson(p2, n2, z)
     d = p1 - p2

@@ -489,8 +489,8 @@ def metrics_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
     legend = [f"- `{k}`: {info[k]}" for k in keys if k in info]
     if shown != rows:
         legend.append("- `[low, high]`: the rate's Wilson 95% interval over the images (prompt fidelity: the "
-                      "requested attributes) it was measured on; two rows whose intervals overlap may differ "
-                      "by noise alone")
+                      "requested attributes) it was measured on: evaluation sampling only, not training variance "
+                      "(each row is one training); rows whose intervals overlap may differ by noise alone")
     backends = sorted({str(r["backend"]) for r in rows if r.get("backend")})
     if backends:
         legend.append(f"- backend: {', '.join(backends)}")

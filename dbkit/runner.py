@@ -855,7 +855,8 @@ def build_index(reports_root: Path = Path("reports"), notes_dir: Path | None = N
     rows, rank_by = _ranked_rows(folders)
     sub = f"{len(rows)} experiment(s)" + (f", ranked by {html.escape(rank_by)}" if rank_by else "")
     sub += (" · a rate's <span class=\"ci\">[low, high]</span> is its Wilson 95% interval over the images "
-            "it was measured on: rows whose intervals overlap may differ by noise alone")
+            "it was measured on (evaluation sampling only, not training variance): rows whose intervals overlap "
+            "may differ by noise alone")
     latest = [(r.name, r.href, r.summary) for r in rows]
     all_runs = index_tables.all_runs_html(index_tables.all_runs(latest, project))
     notes = index_tables.notes_html(index_tables.notes_experiments(
