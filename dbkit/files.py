@@ -86,3 +86,20 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     except (FileNotFoundError, NotADirectoryError):  # a path through a regular file cannot exist either
         return default
     return json.loads(text)
+
+
+def intact_checkpoints(root: Path) -> list[Path]:
+    """The ``checkpoint-*`` folders under ``root``, oldest first, whose ``state.pt`` ends in a
+    zip central directory (torch.save's format): a file cut short by a full disk or a partial
+    copy has none. Cheap (reads the file's tail, not the tensors), so progress messages and
+    provenance name the checkpoint a resume will really use (train.readable_checkpoint)."""
+    import zipfile
+
+    out = []
+    for ckpt in sorted(Path(root).glob("checkpoint-*")):
+        try:
+            with zipfile.ZipFile(ckpt / "state.pt"):
+                out.append(ckpt)
+        except (OSError, zipfile.BadZipFile):
+            continue
+    return out

@@ -32,7 +32,7 @@ import yaml
 
 from . import hardware
 from .config import Experiment
-from .files import atomic_write_json, atomic_write_text, read_json
+from .files import atomic_write_json, atomic_write_text, intact_checkpoints, read_json
 from .hashing import cache_path, stable_hash, writable_cache_dir  # noqa: F401  (runs.cache_path is public)
 
 RUNS_ROOT = Path("runs")
@@ -260,7 +260,7 @@ def training_progress(folder: Path) -> tuple[int, int]:
     stopped and where `dbkit run` resumes it (0 = from the start)."""
     with contextlib.redirect_stderr(io.StringIO()):  # the caller states the outcome itself
         steps = [r["step"] for r in read_log(Path(folder) / "train_log.jsonl") if isinstance(r.get("step"), int)]
-    ckpts = sorted((Path(folder) / "checkpoints").glob("checkpoint-*"))
+    ckpts = intact_checkpoints(Path(folder) / "checkpoints")  # the one a resume will really use
     ckpt = int(ckpts[-1].name.rpartition("-")[2]) if ckpts and ckpts[-1].name.rpartition("-")[2].isdigit() else 0
     return (steps[-1] if steps else 0), ckpt
 

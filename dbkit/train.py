@@ -30,7 +30,7 @@ from . import captions as cap
 from . import data, diffusion
 from . import masks as mk
 from .captions import effective_params, pivotal_tokens
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text, intact_checkpoints
 
 
 class TrainingError(RuntimeError):
@@ -402,7 +402,8 @@ def all_params_state(modules: dict) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    ckpts = sorted(ckpt_root.glob("checkpoint-*"))
+    """The newest checkpoint a resume can load (a damaged state.pt is passed over)."""
+    ckpts = intact_checkpoints(ckpt_root)
     return ckpts[-1] if ckpts else None
 
 

@@ -32,7 +32,7 @@ from . import (
     runs,
     sample,
 )
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, intact_checkpoints, read_json
 
 
 def open_experiment(params_path: str, overrides: list[str] | None = None,
@@ -298,7 +298,7 @@ def record_training_provenance(exp: config.Experiment, rd: Path) -> None:
     checkpoint it resumed from and keeps the earlier sessions' records."""
     if not _is_main_process():
         return  # one record per run, not one per DDP process
-    ckpts = sorted((rd / "checkpoints").glob("checkpoint-*")) if (rd / "checkpoints").exists() else []
+    ckpts = intact_checkpoints(rd / "checkpoints")  # a damaged newest one is passed over by the resume
     earlier = runs.read_provenance(rd)["stages"].get("train") if ckpts else None
     history = (earlier.pop("earlier", []) + [earlier]) if earlier else []
     runs.write_provenance(rd, exp, "train", resumed_from=ckpts[-1].name if ckpts else None, earlier=history)

@@ -96,6 +96,16 @@ class World:
         return config.load(self.root / "params" / "exp.yaml", list(overrides)).version
 
 
+def _zip_bytes() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("data.pkl", b"weights")
+    return buf.getvalue()
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -123,7 +133,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     w.hash, w.version = exp.hash, exp.version
     rd = runs.run_dir(exp)
     w.write(f"{rd}/train_log.jsonl", "".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3)))
-    w.write(f"{rd}/checkpoints/checkpoint-000002/state.pt", b"weights")
+    w.write(f"{rd}/checkpoints/checkpoint-000002/state.pt", _zip_bytes())  # torch.save's format
     version = tmp_path / "reports" / "exp" / w.v
     w.write(f"{version}/index.html", "<p>the good report</p>")
     w.write(f"{version}/01_data.html", "<p>the good data page</p>")
@@ -408,10 +418,12 @@ def test_bad_input(world: World, capsys: pytest.CaptureFixture, case: str, setup
 
 def test_ctrl_c_says_where_training_stopped_and_how_to_resume(world: World) -> None:
     make_notebook(world.root / "nbs" / "03_train.ipynb", (
-        "import json, time\nfrom pathlib import Path\nrd = Path(run_dir)\n"
+        "import json, time, zipfile\nfrom pathlib import Path\nrd = Path(run_dir)\n"
         "for step in range(1, 6):\n"
         "    (rd / 'train_log.jsonl').open('a').write(json.dumps({'step': step}) + '\\n')\n"
         "    if step % 2 == 0:\n        (rd / 'checkpoints' / f'checkpoint-{step:06d}').mkdir(parents=True)\n"
+        # a zip, as torch.save writes: progress names only checkpoints a resume can load
+        "        zipfile.ZipFile(rd / 'checkpoints' / f'checkpoint-{step:06d}' / 'state.pt', 'w').close()\n"
         "(rd / 'stepping').write_text('')\ntime.sleep(120)"))
     h = world.hash_of("seed=1")[:12]
     before = protected(world, snapshot(world.root))

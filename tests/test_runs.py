@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -146,6 +147,8 @@ def test_cache_path_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_training_provenance_is_written_when_training_runs_not_when_a_run_is_reused(
         in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     from dbkit import data, train, workflow
 
     exp, rd = workflow.open_experiment("params/base.yaml", ["experiment=prov"], stage="data")
@@ -172,6 +175,7 @@ def test_training_provenance_is_written_when_training_runs_not_when_a_run_is_reu
     # an interrupted run resumed from a checkpoint: both sessions are on record
     (rd / "train_done.json").unlink()
     (rd / "checkpoints" / "checkpoint-000002").mkdir(parents=True)
+    torch.save({"step": 2}, rd / "checkpoints" / "checkpoint-000002" / "state.pt")  # one a resume can load
     workflow.run_training(exp, rd, progress=False)
     resumed = runs.read_provenance(rd)["stages"]["train"]
     assert resumed["resumed_from"] == "checkpoint-000002"
@@ -180,3 +184,20 @@ def test_training_provenance_is_written_when_training_runs_not_when_a_run_is_reu
     summary = workflow.summarise(exp, rd)
     assert summary["data_fingerprint"] == data.data_fingerprint(exp.params) == resumed["data_fingerprint"]
     assert summary["provenance"]["stages"]["train"] == resumed
+
+
+def test_progress_names_the_checkpoint_a_resume_will_use(tmp_path: Path) -> None:
+    """A state.pt cut short (no zip central directory) is passed over by the resume, so the
+    progress message and provenance must not name it either."""
+    import torch
+
+    for step in (2, 4):
+        ck = tmp_path / "checkpoints" / f"checkpoint-{step:06d}"
+        ck.mkdir(parents=True)
+        torch.save({"step": step, "w": torch.zeros(64)}, ck / "state.pt")
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 5)))
+    assert runs.training_progress(tmp_path) == (5, 4)
+    newest = tmp_path / "checkpoints" / "checkpoint-000004" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short
+    assert runs.training_progress(tmp_path) == (5, 2)
+    assert [p.name for p in files.intact_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-000002"]
