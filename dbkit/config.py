@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
@@ -203,10 +204,14 @@ def params_hash(params: dict) -> str:
     return stable_hash(ident)
 
 
-def version_hash(params: dict, run_hash: str) -> str:
+def version_hash(params: dict, run_hash: str, sources: list | None = None) -> str:
     """The report version's identity: the run hash plus :data:`VERSION_SECTIONS` (less
-    :data:`VERSION_EXCLUDE_KEYS`). Everything that changes what a report shows changes it."""
+    :data:`VERSION_EXCLUDE_KEYS`) and what the merge sources are (:func:`merge_sources_identity`:
+    an edited style.yaml retrains the style LoRA under another run hash, and the merge of it is
+    another table). Everything that changes what a report shows changes it."""
     ident: dict[str, Any] = {"run": run_hash}
+    if sources:
+        ident["merge_sources"] = sources
     for section in VERSION_SECTIONS:
         ident[section] = copy.deepcopy(params.get(section))
     for dotted in VERSION_EXCLUDE_KEYS:
@@ -916,6 +921,25 @@ def _check_merge(src: Callable[[str], str], params: dict, check_files: bool) -> 
                               "project root): name \"this\", a params file, a run folder or a LoRA .safetensors file")
 
 
+def merge_sources_identity(params: dict, params_file: Path) -> list:
+    """What each merge.loras entry is, beyond its name: a params file's run hash, a run
+    folder's hash.txt, a LoRA file's sha256 ("this" and a missing entry as written)."""
+    from .data import file_digest
+
+    out: list = []
+    for entry in (params.get("merge") or {}).get("loras") or []:
+        path = None if entry == "this" else merge_source(entry, params_file)
+        if path is None:
+            out.append(entry)
+        elif path.suffix in (".yaml", ".yml"):
+            out.append(load(path, check_prose=False).hash)
+        elif path.is_file():
+            out.append(file_digest(path))
+        else:
+            out.append((path / "hash.txt").read_text().strip() if (path / "hash.txt").is_file() else str(path))
+    return out
+
+
 def merge_source(entry: str, params_file: Path) -> Path | None:
     """A merge.loras path as given (relative to the working directory), else relative to the
     project root of the params file that names it; None when neither exists."""
@@ -1204,11 +1228,12 @@ class Experiment:
     _parent: dict | None = dataclasses.field(default=None, repr=False, compare=False)
     _check_files: bool = dataclasses.field(default=True, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         """The report version's hash (:func:`version_hash`): the run hash plus the ablation,
-        merge and report sections, so that an edited experiment is a new report version."""
-        return version_hash(self.params, self.hash)
+        merge and report sections and the merge sources' identities, so that an edited
+        experiment (or an edited merge source) is a new report version."""
+        return version_hash(self.params, self.hash, merge_sources_identity(self.params, self.path))
 
     def get(self, dotted: str) -> Any:
         """``exp.get("train.lora.rank")``; KeyError (with a suggestion) for an unknown key."""

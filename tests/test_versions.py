@@ -99,3 +99,17 @@ def test_a_report_refuses_the_table_another_version_left_in_the_shared_run_folde
     with pytest.raises(workflow.AblationMismatch, match=rf"another version .*{b.version[:12]}.*{a.version[:12]}.*"
                                                         r"--only 04_ablations 05_report"):
         workflow.summarise(a, rd)
+
+
+def test_an_edited_merge_source_is_a_new_version(tmp_path: Path) -> None:
+    """merge.loras names a params file: editing that file retrains the source under another run
+    hash, so the merge of it is another table, though the merging experiment is unchanged."""
+    src = tmp_path / "style.yaml"
+    src.write_text(f"extends: {config.BASE_PATH}\nexperiment: s\n")
+    path = tmp_path / "merge.yaml"
+    path.write_text(f"extends: {config.BASE_PATH}\nexperiment: m\nmerge: {{loras: [this, {src}], methods: [cat]}}\n")
+    before = config.load(path)
+    first = before.version  # named before the edit
+    src.write_text(f"extends: {config.BASE_PATH}\nexperiment: s\ntrain: {{steps: 7}}\n")
+    after = config.load(path)
+    assert after.hash == before.hash and after.version != first
