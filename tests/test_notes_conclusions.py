@@ -20,8 +20,11 @@ NOTES = sorted(p for p in (ROOT / "params" / "notes").glob("*.yaml") if p.name !
 
 
 def committed_summary(exp: config.Experiment) -> dict | None:
-    """The newest committed summary of this experiment: the table a reader sees beside the
-    conclusion (by date, not by hash: pinning threads renames the run before it is re-run)."""
+    """The committed summary of these params' own report version; else (a file edited or
+    re-pinned since it was last published) the newest one, the table a reader sees beside it."""
+    own = ROOT / "reports" / exp.name / exp.version[:12] / "summary.json"
+    if own.is_file():
+        return json.loads(own.read_text())
     found = [json.loads(p.read_text()) for p in (ROOT / "reports" / exp.name).glob("*/summary.json")]
     return max(found, key=lambda s: str(s.get("date"))) if found else None
 
