@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from . import hardware
+
 _default: int | None = None
 
 
@@ -34,9 +36,7 @@ def count(p: dict) -> int:
 
 def cores() -> int:
     """The CPU cores this process may run on."""
-    import os
-
-    return len(os.sched_getaffinity(0))
+    return hardware.cores()
 
 
 def identity(p: dict) -> int | None:

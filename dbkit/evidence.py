@@ -56,7 +56,7 @@ from typing import Any
 
 from . import hardware
 from .files import atomic_write_json, read_json
-from .runs import _PACKAGES, _REPO_ROOT, _dirty_files, _git, _version, utc_now
+from .runs import _REPO_ROOT, code_state, package_versions, utc_now
 
 BENCHMARKS = _REPO_ROOT / "benchmarks"
 FORMAT = "dbkit-evidence/1"
@@ -74,25 +74,16 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _git_state() -> dict:
-    commit = _git("rev-parse", "HEAD")
-    # reports/ left out as in runs.provenance: every run rewrites reports/index.html
-    status = _git("status", "--porcelain", "--", ".", ":(exclude)reports")
-    return {"git_commit": commit.strip() if commit else None,
-            "git_dirty": bool(status.strip()) if status is not None else None,
-            "dirty_files": _dirty_files(status)}
-
-
 def record(command: str, figures: dict, **extra: Any) -> dict:
     """The evidence record of one measurement: ``figures`` is what ``command`` printed.
     Pass ``load_avg_start=load_average()`` taken before measuring (else it is read now, which
     is the end of the measurement); other keyword arguments are stored as they are."""
     load = extra.pop("load_avg_start", None) or load_average()
     hw = hardware.describe()
-    return {"format": FORMAT, "command": command, "date": utc_now(), **_git_state(),
+    return {"format": FORMAT, "command": command, "date": utc_now(), **code_state(),
             "hardware": hw, "hardware_summary": hardware.summary(hw), "load_avg_start": load,
             "load_avg_end": load_average(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "python": sys.version.split()[0], "packages": {p: _version(p) for p in _PACKAGES},
+            "python": sys.version.split()[0], "packages": package_versions(),
             **extra, "figures": figures}
 
 

@@ -301,22 +301,32 @@ def _dirty_files(status: str | None) -> list[str]:
     return [line[3:] for line in status.splitlines() if line.strip()][:20]
 
 
+def code_state() -> dict:
+    """``{git_commit, git_dirty, dirty_files}`` of the checkout: what code produced a figure.
+    reports/ is left out: every run rewrites the tracked reports/index.html, so counting it
+    would mark every run dirty and the flag would say nothing about the code."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)reports")
+    return {"git_commit": commit.strip() if commit else None,
+            "git_dirty": bool(status.strip()) if status is not None else None,
+            "dirty_files": _dirty_files(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed versions of the packages a figure depends on."""
+    return {p: _version(p) for p in _PACKAGES}
+
+
 def provenance(exp: Experiment) -> dict:
     """Everything needed to say what produced a stage of a run: code version, environment,
     params hash, data fingerprint, seed, time."""
     from .data import data_fingerprint
 
-    commit = _git("rev-parse", "HEAD")
-    # reports/ is left out: every run rewrites the tracked reports/index.html, so counting it
-    # would mark every run dirty and the flag would say nothing about the code
-    status = _git("status", "--porcelain", "--", ".", ":(exclude)reports")
     return {
-        "git_commit": commit.strip() if commit else None,
-        "git_dirty": bool(status.strip()) if status is not None else None,
-        "dirty_files": _dirty_files(status),
+        **code_state(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {p: _version(p) for p in _PACKAGES},
+        "packages": package_versions(),
         "device": _device(),
         "hardware": hardware.describe(),
         "params_hash": exp.hash,
