@@ -27,11 +27,6 @@ def test_every_readme_figure_has_a_record():
     assert not missing, "\n" + _report(missing, "README.md")
 
 
-# the card predates evidence records; `dbkit bench base --card --save` rewrites it from a
-# record (minutes of a 2-core CPU, not yet run on an idle machine). Until then it is a known
-# gap, not a silent one; the mark lifts itself once a bench-base record is committed
-@pytest.mark.xfail(not list((ROOT / "benchmarks").glob("bench-base-*.json")), strict=True,
-                   reason="no record of the model card yet: run `dbkit bench base --card --save`")
 def test_every_model_card_figure_has_a_record():
     records = evidence.load_records(sorted((ROOT / "benchmarks").glob("*.json")))
     # the pretraining's seconds and the recipe are what `dbkit pretrain-toyworld` wrote beside the weights
