@@ -342,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="dreambooth: params override")
     p.add_argument("--save", action="store_true", help="also write the printed figures as an evidence record, "
                    "benchmarks/bench-<what>-<UTC date>-<commit>.json (command, commit, hardware, load; see "
-                   "dbkit/evidence.py): a figure quoted in README.md needs one")
+                   "dbkit/evidence.py): a figure quoted in README.md or docs/*.md needs one")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,11 +1,12 @@
 """Evidence records: "a figure without its record is not a figure."
 
-A figure quoted in README.md (or in the toy base's model card) must come from a committed
-record written by the command that measured it. A record is one JSON file in the top-level
-``benchmarks/`` folder, written by ``dbkit bench … --save`` (:func:`record` + :func:`save`);
+A figure quoted in README.md and docs/*.md (or in the toy base's model card) must come from a
+committed record written by the command that measured it. A record is one JSON file in the
+top-level ``benchmarks/`` folder, written by ``dbkit bench … --save`` (:func:`record` +
+:func:`save`);
 a committed report's ``reports/<experiment>/<hash>/summary.json`` is a record too (its rows'
-metrics, its metrics and timings). ``tests/test_readme_figures.py`` checks every quoted
-figure against them with :func:`unmatched`.
+metrics, its metrics and timings). ``tests/test_readme_figures.py`` checks every figure those
+pages quote against them with :func:`unmatched`.
 
 A record holds the command, git commit and dirty flag (reports/ left out, as provenance does),
 the UTC date, the hardware (``dbkit.hardware.describe()``: toy training is chaotic in float
@@ -125,7 +126,8 @@ def save(rec: Mapping[str, Any], name: str, folder: str | Path | None = None) ->
 
 
 def relative_name(path: str | Path) -> str:
-    """``benchmarks/<file>.json`` as a README quotes it: relative to the repository when inside it."""
+    """``benchmarks/<file>.json`` as README.md and docs/*.md quote it: relative to the repository
+    when inside it."""
     path = Path(path).resolve()
     try:
         return path.relative_to(_REPO_ROOT).as_posix()

@@ -19,7 +19,7 @@ WD14, TRANSFORMERS = "wd14", "transformers"
 CAPTION_MODEL_SECTIONS: dict[str, tuple[str, ...]] = {
     "wd14": (WD14,), "transformers": (TRANSFORMERS,), "merge": (WD14, TRANSFORMERS)}
 
-# The models the research notes use, as examples in messages and in the README.
+# The models the research notes use, as examples in messages and in docs/photos-and-captions.md.
 DOWNLOAD = {
     WD14: ("huggingface-cli download SmilingWolf/wd-v1-4-vit-tagger-v2 model.onnx selected_tags.csv "
            "--local-dir {folder}"),

@@ -44,7 +44,7 @@ def test_save_is_atomic_and_never_overwrites(tmp_path):
 
 def test_bench_load_save_records_what_it_printed(tiny_base, bench_dir, capsys):
     # the real --save path on a fast configuration: the tiny random base, one thread (two
-    # OpenMP threads on a shared 2-core machine stall each other, see README's Benchmarks)
+    # OpenMP threads on a shared 2-core machine stall each other, see docs/benchmarks.md)
     import torch
 
     threads = torch.get_num_threads()

@@ -1,11 +1,12 @@
-"""A figure without its record is not a figure: every figure README.md and the toy base's model
-card quote must be in a committed evidence record (benchmarks/*.json, a committed report's
-summary.json; the card's pretraining figures in the recipe.json `dbkit pretrain-toyworld`
+"""A figure without its record is not a figure: every figure README.md, docs/*.md and the toy
+base's model card quote must be in a committed evidence record (benchmarks/*.json, a committed
+report's summary.json; the card's pretraining figures in the recipe.json `dbkit pretrain-toyworld`
 wrote). The rule for what counts as a figure is in dbkit/evidence.py's docstring."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,33 @@ from dbkit import evidence
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "dbkit" / "toyworld" / "base" / "README.md"
+# the pages whose figures are checked: the README and the manual it links to
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _report(missing: list[evidence.Figure], name: str) -> str:
     return "\n".join(f"{name}:{f.line}: {f.text} is in no committed record (re-measure it with "
-                     f"`dbkit bench … --save`, or drop it; see the README's Evidence section)" for f in missing)
+                     f"`dbkit bench … --save`, or drop it; see docs/evidence.md)" for f in missing)
 
 
-def test_every_readme_figure_has_a_record():
-    records = evidence.load_records(evidence.committed_records(ROOT))
-    missing = evidence.unmatched((ROOT / "README.md").read_text(encoding="utf-8"), records)
-    assert not missing, "\n" + _report(missing, "README.md")
+@pytest.fixture(scope="module")
+def committed() -> dict[str, list[tuple[str, float]]]:
+    return evidence.load_records(evidence.committed_records(ROOT))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_figure_of_the_readme_and_docs_has_a_record(page, committed):
+    missing = evidence.unmatched(page.read_text(encoding="utf-8"), committed)
+    assert not missing, "\n" + _report(missing, page.relative_to(ROOT).as_posix())
+
+
+def test_the_readme_links_every_docs_page_and_every_link_resolves():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", readme))
+    assert linked == {p.relative_to(ROOT).as_posix() for p in PAGES[1:]}, "README.md's manual and docs/ differ"
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+\.md)(?:#[\w-]*)?\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).is_file(), f"{page.relative_to(ROOT)}: link to {target} leads nowhere"
 
 
 def test_every_model_card_figure_has_a_record():
@@ -44,14 +61,18 @@ def test_an_edited_figure_fails_naming_it_and_its_line():
     edited = text.replace("1.65×", "1.75×")
     [fig] = evidence.unmatched(edited, records)
     assert (fig.text, fig.line) == ("1.75×", 3)
-    # and in the real README: a recorded figure, edited, fails (and nothing else changes)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # and in the real pages: a recorded figure, edited, fails (and nothing else changes)
     records = evidence.load_records(evidence.committed_records(ROOT))
-    before = {(f.text, f.line) for f in evidence.unmatched(readme, records)}
-    recorded = [f for f in evidence.figures_in(readme) if (f.text, f.line) not in before]
-    assert recorded, "README.md quotes no recorded figure"
+    recorded: list[evidence.Figure] = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        before = {(f.text, f.line) for f in evidence.unmatched(text, records)}
+        recorded = [f for f in evidence.figures_in(text) if (f.text, f.line) not in before]
+        if recorded:
+            break
+    assert recorded, "neither README.md nor docs/*.md quotes a recorded figure"
     fig = recorded[0]
-    lines = readme.split("\n")
+    lines = text.split("\n")
     lines[fig.line - 1] = lines[fig.line - 1].replace(fig.text, "987654.321", 1)
     after = {(f.text, f.line) for f in evidence.unmatched("\n".join(lines), records)}
     assert after - before == {("987654.321", fig.line)}
