@@ -87,7 +87,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     """Sample (and with --metrics, evaluate) every kept checkpoint of a run folder."""
-    from . import checkpoints, runs, sample
+    from . import checkpoints, metric_registry, runs, sample
     from .files import atomic_write_bytes
 
     rd = Path(args.run_dir).resolve()
@@ -102,8 +102,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
         print(out)
         if args.metrics:
             for rec in checkpoints.evaluate_checkpoints(exp, rd):
-                print(json.dumps({k: rec[k] for k in ("step", "subject_fidelity", "prompt_fidelity", "pres", "div")
-                                  if k in rec}))
+                print(json.dumps({k: rec[k] for k in ("step", *metric_registry.KEY_METRICS) if k in rec}))
             print(rd / checkpoints.CHECKPOINT_METRICS)
     return 0
 

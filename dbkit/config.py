@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from . import cpu_threads, model_folders
+from . import cpu_threads, methods, model_folders
 from .hashing import canonical_json, stable_hash  # noqa: F401  (config.stable_hash is public)
 
 BASE_PATH = Path(__file__).resolve().parent.parent / "params" / "base.yaml"
@@ -43,7 +43,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "captions.trigger": ("identifier", "word", "none"),
     "captions.wd14.rating": ("drop", "keep"),
     "captions.wd14.underscores": ("spaces", "keep"),
-    "train.method": ("lora", "dora", "full"),
+    "train.method": tuple(methods.METHODS),  # one module each in dbkit/methods/
     "train.prediction": ("auto", "epsilon", "v_prediction", "edm"),
     "train.log_with": ("none", "tensorboard", "wandb"),
     "train.lr_scheduler": ("constant", "linear", "cosine"),
@@ -86,7 +86,7 @@ VERSION_EXCLUDE_KEYS = ("ablation.workers",)
 # Keys added after runs existed, with the value the code had before the key: at that value they
 # stay out of the hash (every existing run keeps its folder and its committed report); any other
 # value is a different run.
-HASH_ADDED_KEYS = {"metrics.seed": 100}
+HASH_ADDED_KEYS = {"metrics.seed": 100, "train.lokr": {"factor": -1, "decompose_both": False}}
 # `threads` came later too, but is not dropped at its old 0: on a CPU the run hash holds the
 # thread count the run computes with (cpu_threads.identity), whatever the params say.
 _ADDED_LATER = HASH_ADDED_KEYS | {"threads": 0}
@@ -692,23 +692,14 @@ def _check_combination(src: Callable[[str], str], exp_src: str, params: dict) ->
     if not (t["unet"] or t["text_encoder"] or t["pivotal"]["enabled"]):
         raise ConfigError(f"{exp_src}: nothing to train: set train.unet, train.text_encoder or "
                           "train.pivotal.enabled to true")
-    if t["method"] in ("lora", "dora"):
-        if t["unet"] and not t["lora"]["unet_targets"]:
-            raise ConfigError(f"{src('train.lora.unet_targets')}: 'train.lora.unet_targets' is empty "
-                              "while train.unet is true: list the UNet modules to adapt")
-        if t["text_encoder"] and not t["lora"]["text_targets"]:
-            raise ConfigError(f"{src('train.lora.text_targets')}: 'train.lora.text_targets' is empty "
-                              "while train.text_encoder is true: list the text-encoder modules to adapt")
+    try:
+        methods.get(t["method"]).check(params)
+    except methods.ParamsProblem as e:
+        raise ConfigError(f"{src(e.key)}: {e}") from None
     if t["pivotal"]["enabled"] and params["captions"]["trigger"] == "none":
         raise ConfigError(f"{src('train.pivotal.enabled')}: train.pivotal.enabled needs a token in the captions "
                           "but captions.trigger is none: set captions.trigger to identifier or word (the new "
                           "tokens replace captions.identifier)")
-    convs = _dora_convs(params)
-    if convs:
-        raise ConfigError(f"{src('train.lora.unet_targets')}: 'train.lora.unet_targets' lists {', '.join(convs)}, "
-                          "convolutions in this base's UNet, but train.method is dora and diffusers cannot load "
-                          "DoRA convolutions back: remove them (or leave the key at its default: DoRA then "
-                          "leaves them out itself)")
     if t["min_snr_gamma"] > 0 and t["prediction"] == "edm":
         raise ConfigError(f"{src('train.min_snr_gamma')}: 'train.min_snr_gamma' is defined for DDPM timesteps, not "
                           "EDM's σ (train.prediction is edm): set it to 0 (EDM's λ(σ) weighting already balances "
@@ -779,47 +770,13 @@ def check_training(params: dict, family: str) -> None:
     _check_family(src, params, family)
 
 
-# Module names that are convolutions in every diffusers UNet (ResNet blocks, resamplers, stem).
-_UNET_CONVS = frozenset({"conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut"})
-
-
-def _unet_convs(model: str) -> frozenset[str]:
-    """Target names that are convolutions in this base's UNet. proj_in/proj_out are 1×1
-    convolutions unless the UNet uses linear projections (SD1.x vs SD2/SDXL): its config.json
-    says which, read here because instantiating the UNet would import diffusers (seconds).
-    A base that cannot be read counts them as convolutions; train.refuse_dora_convs checks
-    the real modules again before training."""
-    from .models import ModelError, resolve
-
-    try:
-        cfg = json.loads((resolve(model) / "unet" / "config.json").read_text(encoding="utf-8"))
-    except (ModelError, OSError, ValueError):
-        cfg = {}
-    return _UNET_CONVS if cfg.get("use_linear_projection") else _UNET_CONVS | {"proj_in", "proj_out"}
-
-
-def _dora_convs(params: dict) -> list[str]:
-    """The UNet targets DoRA cannot take on this base (none unless train.method is dora)."""
-    t = params["train"]
-    if t["method"] != "dora" or not t["unet"]:
-        return []
-    convs = _unet_convs(params["base"]["model"])
-    return [x for x in t["lora"]["unet_targets"] if x.split(".")[-1] in convs]
-
-
-def _adapt_dora_targets(params: dict) -> None:
-    """DoRA with base.yaml's default UNet targets leaves out those that are convolutions, so
-    that `-p train.method=dora` alone trains (diffusers cannot load DoRA convolutions back).
-    A list the user wrote is theirs: _check_combination refuses its convolutions instead."""
-    lo = params["train"]["lora"]
-    if lo["unet_targets"] != _default_of("train.lora.unet_targets"):
-        return
-    dropped = _dora_convs(params)
-    if dropped:
-        lo["unet_targets"] = [x for x in lo["unet_targets"] if x not in dropped]
-        _warn_once(f"train.method=dora: left {', '.join(dropped)} out of the default train.lora.unet_targets: "
-                   "they are convolutions in this base's UNet, which diffusers cannot load back as DoRA "
-                   "(set train.lora.unet_targets to choose the targets yourself)")
+def _adapt_method_defaults(params: dict) -> None:
+    """The method's own adjustments of base.yaml's defaults (DoRA leaves the default UNet
+    targets that are convolutions out), said once."""
+    method = methods.METHODS.get(params["train"]["method"])  # an unknown name is refused later
+    message = method and method.adapt_defaults(params, _default_of("train.lora.unet_targets"))
+    if message:
+        _warn_once(message)
 
 
 _warned: set[str] = set()
@@ -1211,7 +1168,7 @@ def _resolve(chain: list[tuple[Path, dict]], flat: dict[str, Any], check_files: 
         _record_origin(origin, tree, override_src)
     name = params.get("experiment") or top.stem
     params["experiment"] = name
-    _adapt_dora_targets(params)
+    _adapt_method_defaults(params)
     _check_resolved(_show(top), params, origin, check_files)
     return params, name
 

@@ -4,14 +4,17 @@
   (kohya/WebUI layout, `lora_unet_…`/`lora_te_…` keys, `ss_*` metadata), both loadable by
   diffusers' `load_lora_weights`;
 - full fine-tunes: a diffusers pipeline folder;
+- LoKr: its own two files (dbkit/methods/lokr.py), with this module's kohya names and header;
 - pivotal tuning: `embeddings.safetensors` with the new tokens' vectors.
 Training metadata (base, method, rank, steps, resolution, tag frequencies) is embedded in
-the safetensors headers and written beside them as JSON.
+the safetensors headers and written beside them as JSON. Loading a result back is
+`methods.load_trained` (each method knows its loader).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +55,7 @@ def _kohya_version(meta: dict) -> tuple[str, str]:
     return ("sd_v1_v" if v else "sd_v1"), "stable-diffusion-v1/lora"
 
 
-def _kohya_metadata(meta: dict) -> dict[str, str]:
+def kohya_metadata(meta: dict) -> dict[str, str]:
     """The ss_* header kohya writes (train_network.py) and the WebUI reads to show a LoRA's
     settings and tags, plus the SAI modelspec keys it must have; all values are strings."""
     version, arch = _kohya_version(meta)
@@ -96,11 +99,20 @@ def peft_state_dicts(modules: dict) -> dict[str, tuple[dict, dict]]:
         if name.startswith("text_encoder"):
             # transformers' load_adapter matches parameter names, and a DoRA magnitude is the
             # `.weight` of a module: without the suffix it is re-initialised on load
-            sd = {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in sd.items()}
+            sd = {text_model_path(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v
+                  for k, v in sd.items()}
         # dropout is a training setting, and diffusers' loader builds its Dropout modules in
         # training mode inside an eval-mode model: a file that records it samples noisily
         out[name] = (sd, m.peft_config["default"].to_dict() | {"lora_dropout": 0.0})
     return out
+
+
+def text_model_path(key: str) -> str:
+    """A text-encoder key under CLIP's `text_model.` level. transformers 5 flattened
+    CLIPTextModel and its keys lost the level; a file written so crashes diffusers 0.32 with
+    transformers 4 and loses keys in ComfyUI. With it, every loader matches: transformers 4's
+    models have the level, and diffusers strips it for a flattened model."""
+    return key if key.startswith("text_model.") else "text_model." + key
 
 
 def save_lora(out: Path, modules: dict, meta: dict) -> None:
@@ -122,7 +134,7 @@ def write_lora(out: Path, sds: dict[str, tuple[dict, dict]], meta: dict, *, xl: 
     if meta["method"].startswith("dora"):
         return  # kohya's DoRA layout differs per tool; the diffusers file is the portable one
     tmp = out / (KOHYA_FILE + ".tmp")
-    save_file(kohya_state_dict(sds, xl), tmp, metadata=_kohya_metadata(meta))
+    save_file(kohya_state_dict(sds, xl), tmp, metadata=kohya_metadata(meta))
     tmp.replace(out / KOHYA_FILE)
 
 
@@ -138,7 +150,7 @@ def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
     tmp.replace(path)
 
 
-def _kohya_prefix(name: str, xl: bool) -> str:
+def kohya_prefix(name: str, xl: bool) -> str:
     # kohya/A1111 name the text encoders after the original CLIP module path text_model.*;
     # te1/te2 are SDXL's pair, a single encoder is lora_te
     if name == "unet":
@@ -148,15 +160,62 @@ def _kohya_prefix(name: str, xl: bool) -> str:
     return "lora_te1_text_model_" if xl else "lora_te_text_model_"
 
 
+# A ResNet block's layers in the original (LDM/SGM) UNet, by their diffusers names.
+_ORIGINAL_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                    "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+_ORIGINAL_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+                 "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                 "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_BLOCK = re.compile(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
+                    r"\.(\d+)(?:\.(.*))?$")
+
+
+def original_unet_path(path: str, layers_per_block: int = 2) -> str:
+    """A diffusers UNet module path in the original UNet's layout, the names sd-scripts gives
+    SDXL LoRA keys (`down_blocks.1.attentions.0.proj_in` → `input_blocks.4.1.proj_in`): the
+    input blocks count the stem, then per level its ResNet(+attention) pairs and its
+    downsampler; the output blocks count per level `layers_per_block + 1` pairs, the upsampler
+    in the last one's slot 2; the middle block is ResNet, attention, ResNet."""
+    for old, new in _ORIGINAL_TOP.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    m = _BLOCK.match(path)
+    if m is None:
+        raise ValueError(f"{path}: not a module of a diffusers UNet2DConditionModel")
+    where, level, part, j, rest = m.group(1), int(m.group(2) or 0), m.group(3), int(m.group(4)), m.group(5) or ""
+    if part == "resnets":
+        head, _, tail = rest.partition(".")
+        rest = _ORIGINAL_RESNET.get(head, head) + (f".{tail}" if tail else "")
+    if where == "mid_block":
+        block = f"middle_block.{2 * j if part == 'resnets' else 1}"
+    elif part == "downsamplers":
+        block = f"input_blocks.{(level + 1) * (layers_per_block + 1)}.0"
+        rest = rest.replace("conv", "op", 1)
+    elif where == "down_blocks":
+        block = f"input_blocks.{level * (layers_per_block + 1) + j + 1}.{0 if part == 'resnets' else 1}"
+    else:
+        index = level * (layers_per_block + 1) + (layers_per_block if part == "upsamplers" else j)
+        block = f"output_blocks.{index}.{ {'resnets': 0, 'attentions': 1, 'upsamplers': 2}[part] }"
+    return f"{block}.{rest}" if rest else block
+
+
+def kohya_module_name(component: str, module: str, xl: bool) -> str:
+    """A module's key stem as sd-scripts writes it: diffusers' UNet names for SD1/SD2, the
+    original layout's for SDXL (sd-scripts trains its own SDXL UNet class, and its training
+    continuation and merge scripts match those names only); CLIP's `text_model` path."""
+    if component == "unet" and xl:
+        module = original_unet_path(module)
+    return kohya_prefix(component, xl) + module.removeprefix("text_model.").replace(".", "_")
+
+
 def kohya_state_dict(sds: dict[str, tuple[dict, dict]], xl: bool) -> dict:
     """The kohya/WebUI layout: `<prefix><module path with _>.lora_down/.lora_up.weight` and a
     per-module `.alpha` holding the training alpha (the loaders scale by alpha / rank)."""
     out = {}
     for name, (sd, cfg) in sds.items():
-        prefix = _kohya_prefix(name, xl)
         for key, v in sd.items():
             module, _, kind = key.partition(".lora_")
-            base = prefix + module.removeprefix("text_model.").replace(".", "_")
+            base = kohya_module_name(name, module, xl)
             if kind.startswith("A."):
                 out[f"{base}.lora_down.weight"] = v.contiguous()
                 out[f"{base}.alpha"] = torch.tensor(float(cfg["lora_alpha"]))  # dbkit sets no per-module alpha
@@ -196,25 +255,6 @@ def add_embeddings(pipe, path: Path) -> list[str]:
         if key in vecs and tok is not None:
             pipe.load_textual_inversion(vecs[key], token=tokens, text_encoder=te, tokenizer=tok)
     return tokens
-
-
-def load_trained(out: Path, base_path: Path, family: str, *, lora_scale: float = 1.0, lora_file: str = LORA_FILE):
-    """An inference pipeline for a run's output (LoRA scaled by `lora_scale`)."""
-    from .models import load_pipeline, quiet_loading
-
-    full = (out / "pipeline" / "model_index.json").exists()
-    pipe = load_pipeline(out / "pipeline" if full else base_path, family)
-    meta = read_metadata(out)
-    objective = meta.get("objective")
-    if objective in ("epsilon", "v_prediction") and pipe.scheduler.config.get("prediction_type") != objective:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=objective)
-    if (out / EMBEDDINGS_FILE).exists() and not full:
-        add_embeddings(pipe, out / EMBEDDINGS_FILE)
-    if (out / lora_file).exists():
-        with quiet_loading():
-            pipe.load_lora_weights(str(out), weight_name=lora_file, adapter_name="subject")
-        pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
-    return pipe
 
 
 def model_card(meta: dict) -> str:

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from . import conclusions, config
+from . import conclusions, config, metric_registry
 
-KEY_METRICS = ("subject_fidelity", "prompt_fidelity", "pres", "div")
+KEY_METRICS = metric_registry.KEY_METRICS
 _SKIP_PREFIXES = ("notes", "experiment", "ablation", "report")  # a run's name and prose, not what it computes
 
 SORT_JS = """

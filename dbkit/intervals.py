@@ -30,6 +30,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from . import metric_registry
+
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
@@ -54,13 +56,10 @@ def difference(p1: float, n1: int, p2: float, n2: int, z: float = Z95) -> tuple[
     return (d, max(-1.0, low), min(1.0, high))
 
 
-# Per metric, the images it is a rate over, in units of num_per_prompt (S), for each kind of
-# evaluation in dbkit.metrics. prompt_fidelity counts requested attributes, computed from
-# the prompts themselves (:func:`_attributes`).
-_SUBJECT = {"subject_fidelity": 9, "pres": 1, "background_leak": 1}  # 8 context prompts + the bare one
-_STYLE = {"style_rate": 8, "style_drift": 8}
-_COMBINATION = {"subject_fidelity": 8, "style_rate": 8, "both_rate": 8, "pres": 2, "style_drift": 2}
-# the number of images each kind draws per seed (metrics.evaluate*'s n_images / S)
+# Per metric, the images it is a rate over per seed, for each kind of evaluation in
+# dbkit.metrics, is its `per_seed` in dbkit.metric_registry. prompt_fidelity counts requested
+# attributes, computed from the prompts themselves (:func:`_attributes`).
+# The number of images each kind draws per seed (metrics.evaluate*'s n_images / S)
 _IMAGES_PER_SEED = {"subject": 10, "style": 16, "combination": 10}
 
 
@@ -92,8 +91,7 @@ def denominators(metrics: Mapping[str, Any]) -> dict[str, int]:
     if k is None or not isinstance(images, int) or images % _IMAGES_PER_SEED[k]:
         return {}
     seeds = images // _IMAGES_PER_SEED[k]
-    table = {"subject": _SUBJECT, "style": _STYLE, "combination": _COMBINATION}[k]
-    out = {name: units * seeds for name, units in table.items() if name in metrics}
+    out = {m.name: m.per_seed[k] * seeds for m in metric_registry.METRICS if k in m.per_seed and m.name in metrics}
     for name in ("prompt_fidelity", "plain_prompt_fidelity"):
         if name in metrics:
             out[name] = _attributes("style" if k == "style" else "subject") * seeds

@@ -92,6 +92,9 @@ def read_lora(path: Path) -> Lora:
         name = key.split(".lora_A.")[0]
         b = tensors[key.replace(".lora_A.", ".lora_B.")]
         component, module = name.split(".", 1)
+        if component.startswith("text_encoder") and not module.startswith("text_model."):
+            # a file written under transformers 5 before export.text_model_path: one name per module
+            name = f"{component}.text_model.{module}"
         modules[name] = (a.float(), b.float(), _scale(configs[component], module, a.shape[0]))
     return Lora(path, modules, configs, json.loads(header.get("dbkit", "{}")))
 

@@ -17,7 +17,22 @@ import time
 from pathlib import Path
 
 from . import captions as cap
-from . import config, cpu_threads, data, export, merge, metrics, models, report, runs, sample, train, workflow, ziplora
+from . import (
+    config,
+    cpu_threads,
+    data,
+    export,
+    merge,
+    methods,
+    metrics,
+    models,
+    report,
+    runs,
+    sample,
+    train,
+    workflow,
+    ziplora,
+)
 from .files import atomic_write_bytes, atomic_write_json, read_json
 
 
@@ -166,12 +181,12 @@ def _pipelines(p: dict, sources: list[Source], merged: dict[str, Path]):
     """(label, pipeline) per row: each source alone, then each method."""
     path, family = workflow.base_of(p)
     for s in sources:
-        yield f"{s.label} alone", export.load_trained(s.lora_dir, path, family)
+        yield f"{s.label} alone", methods.load_trained(s.lora_dir, path, family)
     for method, folder in merged.items():
         if method in merge.RUNTIME_METHODS:
             yield f"merge: {method}", runtime_pipeline(p, sources, _weights(p, len(sources)), fuse=method == "fused")
         else:
-            yield f"merge: {method}", export.load_trained(folder, path, family)
+            yield f"merge: {method}", methods.load_trained(folder, path, family)
 
 
 def weight_grid(p: dict, sources: list[Source], pair: tuple, folder: Path) -> dict:

@@ -72,14 +72,6 @@ PAPER_SOURCE = "Ruiz et al., DreamBooth (CVPR 2023), Table 1, DreamBooth (Stable
 
 COSINE = "cosine similarity, -1..1"
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div", "div_class")
-METRIC_INFO_REAL: dict[str, str] = {
-    "dino": "mean DINO cosine, generated vs real subject images (subject fidelity, higher better)",
-    "clip_i": "mean CLIP image cosine, generated vs real subject images (subject fidelity, higher better)",
-    "clip_t": "mean CLIP image-text cosine with the prompt (prompt fidelity, higher better)",
-    "pres": "mean DINO (or CLIP-I) cosine, class-noun images vs real subject (language drift, lower better)",
-    "div": "mean pairwise lpips-vit distance within a subject prompt (diversity, higher better)",
-    "div_class": "mean pairwise lpips-vit distance within a class-noun prompt (higher better)",
-}
 
 # ----------------------------------------------------------------------------- benchmark prompts
 

@@ -15,8 +15,10 @@ CLIP/DINO ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -86,25 +88,43 @@ def diversity(images: list[Image.Image]) -> float:
     return float(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(arrs, 2)]))
 
 
+@dataclasses.dataclass(frozen=True)
+class SubjectImages:
+    """What a subject evaluation draws: the bare prompt ("a sks heart"), the context prompts
+    with the attributes each asks for, and the class noun alone, each over every seed."""
+
+    subject: Subject
+    plain: list[Image.Image]
+    ctx: list[Image.Image]
+    wants: list[dict]
+    klass: list[Image.Image]
+
+
+# A subject model's metrics, each a function of the drawn images (name and meaning in
+# dbkit/metric_registry.py); a new one is one entry here and one there.
+SUBJECT_METRICS: dict[str, Callable[[SubjectImages], float]] = {
+    "subject_fidelity": lambda d: signature_rate(d.plain + d.ctx, d.subject),
+    "signature_score": lambda d: mean_signature(d.plain + d.ctx, d.subject),
+    "prompt_fidelity": lambda d: prompt_fidelity(d.ctx, d.wants),
+    "pres": lambda d: signature_rate(d.klass, d.subject),
+    "div": lambda d: diversity(d.klass),
+    "div_subject": lambda d: diversity(d.plain),
+    "background_leak": lambda d: background_leak(d.plain, d.subject),
+    "recontext_fidelity": lambda d: signature_rate(d.ctx, d.subject),
+}
+
+
 def evaluate(generate, subject: Subject, subject_phrase: str, class_noun: str, *, seeds: list[int],
              n_prompts: int = 8) -> dict:
-    """All four metrics for one model. `generate(prompts, seeds) -> images` (prompt-major)."""
+    """Every SUBJECT_METRICS entry for one model. `generate(prompts, seeds) -> images` (prompt-major)."""
     prompts = toy_prompts(subject_phrase, n_prompts)
     ctx = generate([t for t, _ in prompts], seeds)
     wants = [w for _, w in prompts for _ in seeds]
     plain = generate([f"a {subject_phrase}"], seeds)
     klass = generate([f"a {class_noun}"], seeds)
-    return {
-        "subject_fidelity": signature_rate(plain + ctx, subject),
-        "signature_score": mean_signature(plain + ctx, subject),
-        "prompt_fidelity": prompt_fidelity(ctx, wants),
-        "pres": signature_rate(klass, subject),
-        "div": diversity(klass),
-        "div_subject": diversity(plain),
-        "background_leak": background_leak(plain, subject),
-        "backend": BACKEND,
-        "n_images": len(ctx) + len(plain) + len(klass),
-    }
+    drawn = SubjectImages(subject, plain, ctx, wants, klass)
+    return {name: f(drawn) for name, f in SUBJECT_METRICS.items()} | {
+        "backend": BACKEND, "n_images": len(ctx) + len(plain) + len(klass)}
 
 
 def content_prompts(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -165,20 +185,3 @@ def evaluate_combination(generate, subject: Subject, subject_phrase: str, style:
         "backend": BACKEND,
         "n_images": len(both) + len(klass),
     }
-
-
-METRIC_INFO = {
-    "subject_fidelity": "share of subject prompts showing the subject's signature (0–1, higher better)",
-    "signature_score": "mean signature score of subject prompts (0–1, higher better)",
-    "prompt_fidelity": "share of requested background/position/size realised (0–1, higher better)",
-    "pres": "share of class-noun images showing the subject: language drift (0–1, lower better)",
-    "div": "mean pairwise pixel distance of class-noun images (0–1, higher better)",
-    "div_subject": "mean pairwise pixel distance of subject images (0–1)",
-    "background_leak": "share of bare subject-prompt images on a background of its photos (0–1, lower = less leak)",
-    "style_rate": "share of style-trigger prompts showing the style (0–1, higher better)",
-    "style_score": "mean share of the style's region painted in its colour (0–1)",
-    "style_drift": "share of prompts without the style trigger showing the style (0–1, lower better)",
-    "plain_prompt_fidelity": "prompt fidelity of the same prompts without the style trigger (0–1)",
-    "both_rate": "share of subject-and-style prompts showing both (0–1, higher better)",
-    "product": "subject fidelity × style rate on subject-and-style prompts (0–1, higher better)",
-}

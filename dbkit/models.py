@@ -166,10 +166,16 @@ def _unet_config(family: str, full: bool) -> dict:
     base = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4))
+    # SDXL's own block layout, narrow, so that its module names are the real ones (kohya's SDXL
+    # names depend on them); two transformer layers where SDXL has ten (the suite's time; the
+    # full config's names are checked on the meta device in tests/test_identity.py)
     if xl:
-        return base | dict(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-                           transformer_layers_per_block=(1, 2))
+        return base | dict(block_out_channels=(32, 64, 64), layers_per_block=2,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2),
+                           cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
     return base | dict(cross_attention_dim=32, use_linear_projection=family == "sd2")
 
 

@@ -1,7 +1,7 @@
 """Try your own prompts on a trained run: the final output or any checkpoint, any sampler settings.
 
 The model is always loaded from the files training wrote, with the public loaders
-(`export.load_trained`: `from_pretrained`, `load_lora_weights`, `load_textual_inversion`),
+(`methods.load_trained`: `from_pretrained`, `load_lora_weights`, `load_textual_inversion`),
 exactly as the metrics load it; a checkpoint is first written out the same way
 (`train.export_checkpoint`). So what the playground shows is what a user gets from the files.
 `Playground.draw` is the whole logic (tests call it directly); `Playground.widget` only wires
@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from . import captions as cap
-from . import config, export, sample, train, workflow
+from . import config, export, methods, sample, train, workflow
 
 FINAL = "final output"
 SCHEDULERS = tuple(sample.SCHEDULERS)
@@ -53,10 +53,10 @@ class Playground:
             if source != FINAL:
                 records = workflow.read_jsonl(self.rd / "captions.jsonl")
                 out = train.export_checkpoint(out, self.exp.params, self.base_path, self.family, records)
-            pipe = export.load_trained(out, self.base_path, self.family, lora_scale=lora_scale)
+            pipe = methods.load_trained(out, self.base_path, self.family, lora_scale=lora_scale)
             self._loaded = (source, pipe, (out / export.LORA_FILE).exists())
         _, pipe, has_lora = self._loaded
-        if has_lora:  # the adapter name export.load_trained gives
+        if has_lora:  # the adapter name methods.load_trained gives
             pipe.set_adapters(["subject"], adapter_weights=[lora_scale])
         return pipe
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import conclusions, hardware, intervals
+from . import conclusions, hardware, intervals, metric_registry
 
 PAD = 4                      # pixels between cells and around labels in image_grid
 BACKGROUND = (255, 255, 255)
@@ -317,8 +317,6 @@ def _no_data(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-# the steps curve's keys that are rates over the preview seeds' images (the others are scores)
-_CURVE_RATES = ("subject_fidelity", "pres", "style_rate", "style_drift")
 
 
 def plot_steps_curve(path: Path) -> Any:
@@ -333,7 +331,7 @@ def plot_steps_curve(path: Path) -> Any:
     for key in keys:
         pts = [(r["step"], r[key], r.get("n")) for r in records if isinstance(r.get(key), (int, float))]
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linewidth=1.5, label=key)
-        if key in _CURVE_RATES and all(isinstance(p[2], int) for p in pts):
+        if key in metric_registry.RATES and all(isinstance(p[2], int) for p in pts):
             lows, highs = zip(*(intervals.wilson(p[1], p[2]) for p in pts))
             ax.fill_between([p[0] for p in pts], lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
             banded = True
@@ -460,20 +458,6 @@ def captions_html(rows: list[dict]) -> str:
     return f'<table class="dbkit-captions"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-# Column order of the metrics tables (others follow in order of appearance).
-_METRIC_ORDER = ("subject_fidelity", "style_rate", "both_rate", "product", "signature_score", "style_score",
-                 "prompt_fidelity", "pres", "style_drift", "div", "div_subject")
-_NOT_METRIC_COLUMNS = ("backend", "n_images")
-
-
-def _metric_info() -> dict[str, str]:
-    try:
-        from .metrics import METRIC_INFO
-    except ImportError:  # a slim install without the toy world: tables without the legend
-        return {}
-    return dict(METRIC_INFO)
-
-
 def metrics_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
     """Metrics of several models (``{"model": …, "subject_fidelity": …, …}``) with a legend.
 
@@ -481,12 +465,11 @@ def metrics_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
     """
     if not rows:
         return "_No metrics._"
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "model" and k not in _NOT_METRIC_COLUMNS))
-    keys = [k for k in _METRIC_ORDER if k in keys] + [k for k in keys if k not in _METRIC_ORDER]
+    keys = metric_registry.ordered(k for r in rows for k in r if k != "model" and k not in metric_registry.NOT_METRICS)
     shown = [_with_intervals(r, floatfmt) for r in rows]
     table = markdown_table(shown, ["model", *keys], floatfmt)
-    info = _metric_info()
-    legend = [f"- `{k}`: {info[k]}" for k in keys if k in info]
+    backend = next((str(r["backend"]) for r in rows if r.get("backend")), None)
+    legend = [f"- `{k}`: {metric_registry.legend(k, backend)}" for k in keys if metric_registry.legend(k, backend)]
     if shown != rows:
         legend.append("- `[low, high]`: the rate's Wilson 95% interval over the images (prompt fidelity: the "
                       "requested attributes) it was measured on: evaluation sampling only, not training variance "

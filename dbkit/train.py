@@ -133,46 +133,18 @@ def add_pivotal_tokens(parts: Parts, p: dict) -> list[list[int]]:
     return out
 
 
-def refuse_dora_convs(unet, targets: list[str]) -> None:
-    """diffusers cannot load DoRA on convolutions back (meta-device error at inference), and
-    which targets are convolutions depends on the model (proj_in/proj_out are 1×1 convs in
-    SD1.x, linear in SD2/SDXL), so the modules themselves are checked before training."""
-    import torch.nn as nn
-
-    convs = sorted({t for name, mod in unet.named_modules() if isinstance(mod, nn.Conv2d)
-                    for t in targets if name == t or name.endswith("." + t)})
-    if convs:
-        raise TrainingError(f"train.method=dora with targets that are convolutions in this UNet {convs}: diffusers "
-                            "cannot load DoRA convolutions back (meta-device error); remove them from "
-                            "train.lora.unet_targets")
-
-
 def apply_method(parts: Parts, p: dict) -> None:
-    """Mark what trains: LoRA/DoRA adapters through peft, or the full weights."""
+    """Mark what trains (the method's adapters or weights; dbkit/methods/), then gradient
+    checkpointing."""
+    from . import methods
+
     t = p["train"]
     for m in (parts.vae, parts.unet, *parts.text_encoders):
         m.requires_grad_(False)
-    if t["method"] in ("lora", "dora"):
-        from peft import LoraConfig
-
-        lo = t["lora"]
-
-        def config(targets: list[str]) -> LoraConfig:
-            return LoraConfig(r=lo["rank"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
-                              init_lora_weights="gaussian", target_modules=targets, use_dora=t["method"] == "dora")
-
-        if t["unet"]:
-            if t["method"] == "dora":
-                refuse_dora_convs(parts.unet, lo["unet_targets"])
-            parts.unet.add_adapter(config(lo["unet_targets"]))
-        if t["text_encoder"]:
-            for te in parts.text_encoders:
-                te.add_adapter(config(lo["text_targets"]))
-    else:
-        parts.unet.requires_grad_(t["unet"])
-        for te in parts.text_encoders:
-            te.requires_grad_(t["text_encoder"])
-            te.get_input_embeddings().requires_grad_(False)  # the vocabulary stays; pivotal tunes new rows
+    try:
+        methods.get(t["method"]).apply(parts, p)
+    except methods.ParamsProblem as e:  # what only the live modules show (DoRA on a convolution)
+        raise TrainingError(str(e)) from e
     if t["gradient_checkpointing"]:
         parts.unet.enable_gradient_checkpointing()
         if t["text_encoder"]:
@@ -960,10 +932,12 @@ def cast_frozen_weights(parts: Parts, t: dict, precision: str) -> None:
         return
     from diffusers.training_utils import cast_training_params
 
+    from . import methods
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     parts.vae.to(dtype=dtype)
     for m in (parts.unet, *parts.text_encoders):
-        if t["method"] in ("lora", "dora") or not any(q.requires_grad for q in m.parameters()):
+        if methods.get(t["method"]).adapter or not any(q.requires_grad for q in m.parameters()):
             m.to(dtype=dtype)
             cast_training_params(m, dtype=torch.float32)
 
@@ -998,18 +972,15 @@ def inference_pipeline(parts: Parts, modules: dict, base_path: Path):
 
 def save_output(out: Path, parts: Parts, modules: dict, p: dict, family: str, base_path: Path,
                 caption_records: list[dict], new_ids: list[list[int]]) -> None:
-    """LoRA: diffusers + kohya safetensors with training metadata; full: a pipeline folder;
-    pivotal: the new token embeddings. Written to a temp folder, then renamed into place."""
-    from . import export
+    """The method's files (dbkit/methods/), pivotal's token embeddings and the training
+    metadata. Written to a temp folder, then renamed into place."""
+    from . import export, methods
 
     tmp = out.parent / (out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = export.training_metadata(p, family, base_path, caption_records) | {"objective": parts.objective}
-    if p["train"]["method"] in ("lora", "dora"):
-        export.save_lora(tmp, modules, meta)
-    else:
-        inference_pipeline(parts, modules, base_path).save_pretrained(tmp / "pipeline", safe_serialization=True)
+    methods.get(p["train"]["method"]).save(tmp, modules, meta, lambda: inference_pipeline(parts, modules, base_path))
     if new_ids:
         export.save_embeddings(tmp, modules, pivotal_tokens(p), new_ids)
     atomic_write_json(tmp / "training_metadata.json", meta)

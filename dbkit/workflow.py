@@ -20,10 +20,11 @@ from . import (
     config,
     cpu_threads,
     data,
-    export,
     framing,
     masks,
     matting,
+    methods,
+    metric_registry,
     metrics,
     models,
     parallel,
@@ -311,7 +312,7 @@ def _is_main_process() -> bool:
 
 def trained_pipeline(exp: config.Experiment, rd: Path):
     path, family = base_of(exp.params)
-    return export.load_trained(rd / "output", path, family, lora_scale=exp.params["sample"]["lora_scale"])
+    return methods.load_trained(rd / "output", path, family, lora_scale=exp.params["sample"]["lora_scale"])
 
 
 def generator_for(pipe, p: dict):
@@ -351,7 +352,7 @@ def _evaluate(p: dict, pipe) -> dict | None:
         return metrics.evaluate_style(generator_for(pipe, p), style, phrase, seeds=seeds)
     subject = subject_of(p)
     if subject is None:
-        return None  # user photos need metrics.backend: clip (see README)
+        return None  # user photos need metrics.backend: clip (see docs/real-models.md)
     return metrics.evaluate(generator_for(pipe, p), subject, phrase, noun, seeds=seeds)
 
 
@@ -493,7 +494,7 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
     s = p["sample"]
     path, family = base_of(p)
     pipes = [models.load_pipeline(path, family)] + [
-        export.load_trained(Path(r["run_dir"]) / "output", path, family, lora_scale=s["lora_scale"])
+        methods.load_trained(Path(r["run_dir"]) / "output", path, family, lora_scale=s["lora_scale"])
         for r in rows[1:]]
     q = cap.effective_params(p)
     prompts = [cap.expand(t, q) for t in s["prompts"]]
@@ -516,17 +517,12 @@ def run_ablations(exp: config.Experiment, rd: Path, *, progress: bool = True) ->
 # --------------------------------------------------------------------------- 05 report
 
 
-def rank_metric(m: dict) -> str:
-    """The number an experiment is ranked by: what its model is for."""
-    return next((k for k in ("subject_fidelity", "style_rate") if k in m), "dino")
-
-
 def key_metrics(rows: list[dict]) -> dict:
     """The numbers the experiment index shows: the best trained row's metrics."""
     trained = [r for r in rows[1:] if r.get("metrics")]
     if not trained:
         return {}
-    rank = rank_metric(trained[0]["metrics"])
+    rank = metric_registry.rank_metric(trained[0]["metrics"])
     best = max(trained, key=lambda r: r["metrics"].get(rank) or 0.0)
     keys = [k for k, v in best["metrics"].items() if isinstance(v, int | float) and k != "n_images"]
     out: dict = {k: round(best["metrics"][k], 3) for k in keys}

@@ -326,6 +326,9 @@ CASES = [
     ("DoRA on listed convolutions", override("train.method=dora", "train.lora.unet_targets=[to_q,conv1,proj_in]"),
      r"^error: command line: 'train\.lora\.unet_targets' lists conv1, proj_in, convolutions in this base's UNet, "
      r"but train\.method is dora", 2, False),
+    ("LoKr with the text encoder", override("train.method=lokr"),
+     r"^error: command line: train\.method is lokr, which trains the UNet only \(diffusers loads no LoKr into a "
+     r"text encoder\): set train\.text_encoder: false$", 2, False),
     ("EDM on a DDPM-trained base", override("train.prediction=edm"),
      r"^error: command line: 'train\.prediction' is edm but base\.model is a sd2 model, trained for DDPM "
      r"timesteps: EDM training needs an EDM-trained base", 2, False),

@@ -447,8 +447,25 @@ def test_a_key_added_later_keeps_old_run_hashes_at_its_old_behaviour() -> None:
     del without["metrics"]["seed"]
     assert config.params_hash(p) == config.params_hash(without)
     assert load(MERGE, ["metrics.seed=200"]).hash != load(MERGE).hash
+    # train.lokr came with the LoKr method: a run written before it hashes as it did
+    without = copy.deepcopy(p)
+    del without["train"]["lokr"]
+    assert config.params_hash(p) == config.params_hash(without)
+    assert load(MERGE, ["train.lokr.factor=4"]).hash != load(MERGE).hash
 
 
+def test_moving_code_renames_no_run() -> None:
+    """Every notes file hashes as the code before the methods/ and metric_registry moves hashed
+    it (tests/data/notes_run_hashes.json, recorded by that commit): a refactor that changed a
+    run hash would orphan its run folder and its committed report. The notes pin their thread
+    count, so the hash is the same on any CPU."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    recorded = json.loads((root / "tests" / "data" / "notes_run_hashes.json").read_text())["run_hashes"]
+    assert len(recorded) == len(list((root / "params" / "notes").glob("*.yaml"))) - 1  # all but parent.yaml
+    for path, run_hash in recorded.items():
+        assert load(root / path).hash == run_hash, f"{path}: the run hash moved"
 def test_the_thread_count_a_cpu_run_computes_with_is_in_its_hash(monkeypatch) -> None:
     """On a CPU the thread count decides the float rounding, so it is part of the run: threads:
     0 hashes as the count torch uses on this machine (another core count, another run), equal

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbkit import captions, config, data, export, models, sample, train
+from dbkit import captions, config, data, export, methods, models, sample, train
 
 METHODS = {
     "lora": [],
@@ -36,7 +36,7 @@ def test_method_family_pair_trains_and_generates(in_tmp, family_bases, family, m
     meta = export.read_metadata(out)
     expected = {"sd15": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "playground": "edm"}[family]
     assert meta["objective"] == expected and meta["family"] == family
-    pipe = export.load_trained(out, base, family)
+    pipe = methods.load_trained(out, base, family)
     prompt = captions.expand("a {subject}", captions.effective_params(p))
     images = sample.generate(pipe, [prompt], [0], steps=2, guidance=2.0, size=32)
     assert images[0].size == (32, 32)

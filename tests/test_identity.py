@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dbkit import captions, config, data, export, models, train
+from dbkit import captions, config, data, export, methods, models, train
 
 # Every cell trains with alpha ≠ rank (alpha/rank = 4) and an lr that moves the weights visibly
 COMMON = ["train.lora.rank=4", "train.lora.alpha=16", "train.lr=0.01", "train.text_encoder_lr=0.01",
@@ -30,6 +30,7 @@ METHODS = {
     "full": ["train.method=full"],
     "pivotal+lora": ["train.pivotal.enabled=true"],
     "pivotal+full": ["train.method=full", "train.pivotal.enabled=true"],
+    "lokr": ["train.method=lokr", "train.text_encoder=false"],  # rank 4: both Kronecker factors full
 }
 OPTIONS = {  # on the SD1.x twin: the options that change what the files hold
     "unet-only": ["train.text_encoder=false"],
@@ -39,6 +40,9 @@ OPTIONS = {  # on the SD1.x twin: the options that change what the files hold
     "ema": ["train.ema_decay=0.5", "train.steps=3"],
     "full-unet-only": ["train.method=full", "train.text_encoder=false"],
     "lora-dropout": ["train.lora.dropout=0.2"],
+    # rank 1: both factors rank-decomposed, the layout whose alpha the LyCORIS loaders apply
+    "lokr-decomposed": ["train.method=lokr", "train.text_encoder=false", "train.lora.rank=1",
+                        "train.lokr.decompose_both=true"],
 }
 XL = ("sdxl", "playground")
 
@@ -151,7 +155,18 @@ def check_artifacts(p: dict, out, live: dict, prompt: str, base, family: str) ->
         pipe.scheduler = type(live["pipe"].scheduler).from_config(live["pipe"].scheduler.config)
         assert_same_model(live, pipe, prompt, "pipeline folder")
         return
+    if t["method"] == "lokr":
+        check_lokr_files(out, live, prompt, base, family)
+        # each cell holds the layout it is named for (full factors at rank 4, products at rank 1)
+        decomposed = {k.rpartition(".")[2] for k in load_file(out / export.KOHYA_FILE)} >= {"lokr_w1_a", "lokr_w2_b"}
+        assert decomposed == (t["lora"]["rank"] == 1)
+        return
     files = [export.LORA_FILE] + ([] if t["method"] == "dora" else [export.KOHYA_FILE])
+    # the text encoders' keys keep CLIP's text_model level whatever transformers wrote them
+    # (transformers 5 dropped it; diffusers 0.32 with transformers 4 crashes without it)
+    te_keys = [k for k in load_file(out / export.LORA_FILE) if k.startswith("text_encoder")]
+    assert all(k.split(".", 1)[1].startswith("text_model.encoder.") for k in te_keys), te_keys[:2]
+    assert bool(te_keys) == bool(t["text_encoder"])
     for name in files:
         pipe = plain_pipeline(base, family, live["pipe"])
         if t["pivotal"]["enabled"]:
@@ -159,9 +174,50 @@ def check_artifacts(p: dict, out, live: dict, prompt: str, base, family: str) ->
         pipe.load_lora_weights(str(out), weight_name=name)
         assert_same_model(live, pipe, prompt, name)
     # and the loader every metric, grid and report in dbkit goes through
-    pipe = export.load_trained(out, base, family)
+    pipe = methods.load_trained(out, base, family)
     pipe.scheduler = type(live["pipe"].scheduler).from_config(live["pipe"].scheduler.config)
-    assert_same_model(live, pipe, prompt, "export.load_trained")
+    assert_same_model(live, pipe, prompt, "methods.load_trained")
+
+
+def lycoris_delta(sd: dict, key: str, shape: torch.Size) -> torch.Tensor:
+    """ΔW of one module of a kohya-layout LoKr file, as LyCORIS' loaders compute it (the A1111
+    WebUI's network_lokr.py, ComfyUI's lokr weight adapter): w1 ⊗ w2, each factor stored whole
+    or as a product a @ b; scaled by alpha / rank only where a factor is a product, else by 1."""
+    def factor(n: str) -> tuple[torch.Tensor, int | None]:
+        if f"{key}.lokr_{n}" in sd:
+            return sd[f"{key}.lokr_{n}"].float(), None
+        a, b = sd[f"{key}.lokr_{n}_a"].float(), sd[f"{key}.lokr_{n}_b"].float()
+        return a @ b, b.shape[0]
+
+    w1, r1 = factor("w1")
+    w2, r2 = factor("w2")
+    rank = r2 or r1
+    scale = float(sd[f"{key}.alpha"]) / rank if rank and f"{key}.alpha" in sd else 1.0
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return (torch.kron(w1, w2) * scale).reshape(shape)
+
+
+def check_lokr_files(out, live: dict, prompt: str, base, family: str) -> None:
+    """LoKr's diffusers file through diffusers' own UNet loader, and its kohya file against
+    every live layer's ΔW by LyCORIS' formula (no diffusers loader reads SD LoKr kohya files)."""
+    pipe = plain_pipeline(base, family, live["pipe"])
+    pipe.unet.load_lora_adapter(str(out), weight_name=export.LORA_FILE, prefix="unet")
+    assert_same_model(live, pipe, prompt, export.LORA_FILE)
+    sd = load_file(out / export.KOHYA_FILE)
+    layers = tuner_layers(live["pipe"])
+    keys = {n: export.kohya_module_name("unet", n.removeprefix("unet:"), family in XL) for n in layers}
+    assert set(keys.values()) == {k.partition(".")[0] for k in sd}, "kohya LoKr file: modules differ from the trained"
+    with torch.no_grad():
+        for name, mod in layers.items():
+            want = mod.get_delta_weight("default").float()
+            got = lycoris_delta(sd, keys[name], want.shape)
+            assert (got - want).norm() <= 1e-5 * want.norm() + 1e-9, f"{export.KOHYA_FILE}: {name} ΔW off"
+    with safe_open(str(out / export.KOHYA_FILE), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+    pipe = methods.load_trained(out, base, family)
+    pipe.scheduler = type(live["pipe"].scheduler).from_config(live["pipe"].scheduler.config)
+    assert_same_model(live, pipe, prompt, "methods.load_trained")
 
 
 CELLS = [(f, m, METHODS[m]) for f in models.FAMILIES for m in METHODS]
@@ -202,7 +258,13 @@ def test_kohya_file_speaks_kohya(in_tmp, family_bases, family):
     sd = load_file(out / export.KOHYA_FILE)
     for key in te_keys:
         assert sd[f"{key}.lora_down.weight"].shape[0] == 4 and float(sd[f"{key}.alpha"]) == 16.0
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in sd
+    # sd-scripts names SD1/SD2 UNet modules as diffusers does, SDXL's by its original layout
+    # (library/sdxl_original_unet.py: input_blocks.4.1 is level 1's first attention)
+    unet_key = ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" if family == "sdxl"
+                else "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")
+    assert f"{unet_key}.lora_up.weight" in sd
+    if family == "sdxl":
+        assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in sd)
     assert {float(v) for k, v in sd.items() if k.endswith(".alpha")} == {16.0}
     assert all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd)
     with safe_open(str(out / export.KOHYA_FILE), "pt") as f:
@@ -242,3 +304,42 @@ def test_last_preview_is_what_plain_diffusers_draws_from_the_exported_file(in_tm
     preview = data.open_rgb(rd / "samples" / "step_000003" / "p0_s7.png")
     diff = np.abs(np.asarray(img, dtype=np.float64) - np.asarray(preview, dtype=np.float64)).mean()
     assert diff < 1.0, f"last preview differs from the exported model's image by {diff:.2f}/255"
+
+
+def test_sdxl_kohya_names_are_sd_scripts_original_layout_and_diffusers_reads_every_one():
+    """Every Linear and Conv2d of the full-size SDXL UNet (its published config, on the meta
+    device) gets the name sd-scripts gives it, and diffusers' own kohya reader maps each name
+    back to exactly that module: none lost, none invented (sd-scripts' training continuation
+    and merge scripts match these names only; diffusers-style SDXL names were dropped in silence)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**models._unet_config("sdxl", full=True))
+    paths = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {export.kohya_module_name("unet", p, xl=True): p for p in paths}
+    # by hand, from sd-scripts' SDXL UNet (library/sdxl_original_unet.py) and its conversion map
+    for path, name in {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+                       "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                       "down_blocks.0.downsamplers.0.conv": "lora_unet_input_blocks_3_0_op",
+                       "down_blocks.2.resnets.0.conv_shortcut": "lora_unet_input_blocks_7_0_skip_connection",
+                       "mid_block.attentions.0.transformer_blocks.9.ff.net.2":
+                       "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2",
+                       "mid_block.resnets.1.time_emb_proj": "lora_unet_middle_block_2_emb_layers_1",
+                       "up_blocks.0.resnets.2.conv1": "lora_unet_output_blocks_2_0_in_layers_2",
+                       "up_blocks.1.upsamplers.0.conv": "lora_unet_output_blocks_5_2_conv",
+                       "up_blocks.2.resnets.0.conv2": "lora_unet_output_blocks_6_0_out_layers_3",
+                       "add_embedding.linear_1": "lora_unet_label_emb_0_0"}.items():
+        assert names[name] == path
+    sd = {}
+    for name in names:
+        sd |= {f"{name}.lora_down.weight": torch.zeros(1, 1), f"{name}.lora_up.weight": torch.zeros(1, 1),
+               f"{name}.alpha": torch.tensor(1.0)}
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(sd, unet.config))
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in peft} == paths

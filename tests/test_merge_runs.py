@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dbkit import config, export, merge, merge_runs, runs, workflow
+from dbkit import config, export, merge, merge_runs, methods, runs, workflow
 
 TINY = ["train.steps=2", "train.sample_every=0", "train.save_every=0", "metrics.num_per_prompt=1",
         "sample.steps=2", "sample.seeds=[0]", "prior.enabled=false", "train.batch_size=1"]
@@ -45,7 +45,7 @@ def test_merge_rows_files_and_identity(in_tmp: Path) -> None:
     sources = merge_runs.resolve_sources(exp, rd, progress=False)
     live = merge_runs.runtime_pipeline(p, sources, [0.8, 1.2])
     path, family = workflow.base_of(p)
-    saved = export.load_trained(folder / "cat", path, family)
+    saved = methods.load_trained(folder / "cat", path, family)
     torch.manual_seed(0)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     ids = saved.tokenizer(["a sks heart, ohwx style"], padding="max_length", return_tensors="pt",

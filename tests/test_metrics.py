@@ -130,3 +130,33 @@ def test_a_style_run_is_evaluated_like_its_metrics_json(monkeypatch):
     m = workflow.evaluate_model(p, pipe=None)
     # every image carries the style, with and without the trigger
     assert m is not None and m["style_rate"] == 1.0 and m["style_drift"] == 1.0
+
+
+def test_recontext_fidelity_is_the_subject_on_context_prompts_only():
+    """A model that draws the subject for the bare prompt but a plain star in every new
+    context: subject fidelity, over bare + context prompts, is 1/9; recontextualisation 0.
+    The reverse gives 8/9 and 1. Counted by hand from what each prompt returns."""
+    def draws(subject_on_bare: bool):
+        def generate(prompts, seeds):
+            bare = prompts == ["a sks star"]
+            show = subject_on_bare if bare else not subject_on_bare
+            return [_photo() if show else _scene() for _ in prompts for _ in seeds]
+        return generate
+
+    bare_only = metrics.evaluate(draws(True), DUO, "sks star", "star", seeds=[0, 1])
+    assert bare_only["subject_fidelity"] == pytest.approx(1 / 9) and bare_only["recontext_fidelity"] == 0.0
+    context = metrics.evaluate(draws(False), DUO, "sks star", "star", seeds=[0, 1])
+    assert context["subject_fidelity"] == pytest.approx(8 / 9) and context["recontext_fidelity"] == 1.0
+
+
+def test_every_computed_metric_is_registered_and_every_rate_has_its_images():
+    """A metric the tables cannot explain, or a rate without its denominator, is a gap: each
+    evaluate* key is in dbkit.metric_registry, and intervals finds n for every registered rate."""
+    from dbkit import intervals, metric_registry
+
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    m = metrics.evaluate(lambda p, s: [blank] * (len(p) * len(s)), DUO, "sks star", "star", seeds=[0, 1])
+    assert set(m) - set(metric_registry.BY_NAME) == set(metric_registry.NOT_METRICS)
+    rates = {k for k in m if k in metric_registry.RATES}
+    assert rates and set(intervals.denominators(m)) == rates | {"prompt_fidelity"}
+    assert intervals.denominators(m)["recontext_fidelity"] == 8 * 2  # 8 context prompts × 2 seeds

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dbkit import captions, config, data, diffusion, export, sample, train, workflow
+from dbkit import captions, config, data, diffusion, export, methods, sample, train, workflow
+from dbkit.methods import lora
 from dbkit.train import TrainingError
 
 ATTENTION = "[to_q,to_k,to_v,to_out.0]"
@@ -51,7 +52,7 @@ def test_each_method_trains_and_its_output_generates(in_tmp, tiny_base, method, 
         extra = [*extra, f"train.lora.unet_targets={ATTENTION}"]
     p = _params(tiny_base, f"train.method={m}", *extra)
     out = _train(p, in_tmp / "run")
-    pipe = export.load_trained(out, tiny_base, "sd15")
+    pipe = methods.load_trained(out, tiny_base, "sd15")
     q = captions.effective_params(p)
     images = sample.generate(pipe, [captions.expand("a {subject}", q)], [0], steps=2, guidance=2.0)
     assert images[0].size == (64, 64)
@@ -64,12 +65,12 @@ def test_lora_scale_is_honoured(in_tmp, tiny_base):
     # that each file reproduces the trained model is tests/test_identity.py's job
     p = _params(tiny_base, "prior.enabled=false", f"train.lora.unet_targets={ATTENTION}")
     out = _train(p, in_tmp / "run")
-    a = export.load_trained(out, tiny_base, "sd15")
+    a = methods.load_trained(out, tiny_base, "sd15")
     # the LoRA actually does something, and its scale is honoured
     q = captions.effective_params(p)
     prompt = [captions.expand("a {subject}", q)]
     base_img = sample.generate(workflow.models.load_pipeline(tiny_base, "sd15"), prompt, [0], steps=2, guidance=1.0)
-    zero = sample.generate(export.load_trained(out, tiny_base, "sd15", lora_scale=0.0), prompt, [0], steps=2,
+    zero = sample.generate(methods.load_trained(out, tiny_base, "sd15", lora_scale=0.0), prompt, [0], steps=2,
                            guidance=1.0)
     full = sample.generate(a, prompt, [0], steps=2, guidance=1.0)
 
@@ -137,9 +138,9 @@ def test_dora_refuses_targets_that_are_convolutions_in_this_unet(in_tmp, tiny_ba
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base / "unet")
     assert not unet.config.use_linear_projection  # SD1.x style: proj_in is a 1×1 convolution
-    with pytest.raises(TrainingError, match=r"\['proj_in'\].*unet_targets"):
-        train.refuse_dora_convs(unet, ["to_q", "proj_in"])
-    train.refuse_dora_convs(unet, ["to_q", "to_k", "ff.net.2"])
+    with pytest.raises(methods.ParamsProblem, match=r"\['proj_in'\].*unet_targets"):
+        lora.refuse_dora_convs(unet, ["to_q", "proj_in"])
+    lora.refuse_dora_convs(unet, ["to_q", "to_k", "ff.net.2"])
 
 
 def test_nan_loss_stops_with_a_clear_message(in_tmp, tiny_base):
