@@ -1,8 +1,9 @@
 """Base models: resolve `base.model` to a local diffusers folder, detect its family, load parts.
 
 Families decide what the trainer predicts and how it conditions:
-- sd15: epsilon prediction, one CLIP text encoder (also the toy world);
-- sd2: v-prediction when the scheduler config says so, one OpenCLIP-style text encoder;
+- sd15: epsilon prediction, one CLIP text encoder;
+- sd2: v-prediction when the scheduler config says so, one OpenCLIP-style text encoder (the
+  toy world's base: a v-prediction SD-architecture pipeline, so it is detected as sd2);
 - sdxl: two text encoders, pooled embeddings and size/crop conditioning;
 - playground: SDXL architecture trained with EDM (Playground v2.5), EDM schedulers.
 Nothing is downloaded: a hub id only works when it is already in the local HF cache.

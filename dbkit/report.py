@@ -9,7 +9,7 @@ JPEG when that is smaller; each image in a grid is at most THUMB px), tables as 
   variant (label on the left), one column per seed or prompt (labels on top).
 - :func:`plot_curves` draws a training log (JSONL) as smoothed + raw loss with the LR.
 - :func:`markdown_table` and :func:`params_diff_markdown` format tables.
-- :func:`write_summary` writes ``reports/<experiment>/summary.json``, which
+- :func:`write_summary` writes ``reports/<experiment>/<version>/summary.json``, which
   :func:`dbkit.runner.build_index` turns into the cross-experiment index.
 """
 
