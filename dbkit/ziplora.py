@@ -83,12 +83,14 @@ class ZipModel:
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    # a text encoder's LoRA keys start below transformers' `text_model` (encoder.layers.…)
-    for owner in (root, getattr(root, "text_model", None)):
+    # a text encoder's LoRA keys name CLIP's `text_model` level (export.text_model_path), which
+    # transformers 4's model has and 5's flattened one does not, and older files start below it
+    for owner, sub in ((root, path), (root, path.removeprefix("text_model.")),
+                       (getattr(root, "text_model", None), path)):
         if owner is None:
             continue
         try:
-            return owner.get_submodule(path)
+            return owner.get_submodule(sub)
         except AttributeError:
             continue
     raise merge.MergeError(f"LoRA module {path!r} is not in the base model's {type(root).__name__}: "
