@@ -156,7 +156,10 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def test_the_committed_ema_report(capsys) -> None:
-    report = ROOT / "reports/notes-ema/386e5f2d6354"  # the newest version: "reports/notes-ema" alone means it
+    # the newest published version, which "reports/notes-ema" alone means
+    versions = [json.loads(v.read_text()) | {"dir": v.parent}
+                for v in (ROOT / "reports/notes-ema").glob("*/version.json")]
+    report = max(versions, key=lambda v: v["published"])["dir"]
     rows = {r["label"]: r for r in json.loads((report / "summary.json").read_text())["rows"]}
     fa, fb = (flat({k: v for k, v in rows[label]["params"].items() if k not in ("experiment", "notes")})
               for label in ("notes-ema (this run)", "train.ema_decay=0.99"))
