@@ -1,5 +1,5 @@
-"""Every metric dbkit reports, in one table: its name, what it means, which way is better,
-whether it is a rate over images, and where it is shown.
+"""Every metric dbkit reports, in one table: its name, what it means and which way is better
+(its legend), whether it is a rate over images, and where it is shown.
 
 The metrics tables (column order and legend), the index's all-runs table, the ranking, the
 steps curve's intervals and `dbkit checkpoints --metrics` read this table; the functions that
@@ -17,8 +17,7 @@ from collections.abc import Iterable, Mapping
 @dataclasses.dataclass(frozen=True)
 class Metric:
     name: str
-    legend: str  # one line for a metrics table's legend (toy world's oracle backend)
-    better: str = "higher"  # higher | lower | "" (neither: a description)
+    legend: str  # one line for a metrics table's legend (toy world's oracle backend), with its direction
     # a rate: the images it is a share of, per evaluation seed, in each toy evaluation that
     # computes it (subject | style | combination: dbkit.metrics.evaluate*); its Wilson
     # interval in tables and its band on the steps curve come from this
@@ -45,22 +44,21 @@ METRICS: tuple[Metric, ...] = (
            per_seed={"combination": 8}),
     Metric("product", "subject fidelity × style rate on subject-and-style prompts (0–1, higher better)"),
     Metric("signature_score", "mean signature score of subject prompts (0–1, higher better)"),
-    Metric("style_score", "mean share of the style's region painted in its colour (0–1)", better=""),
+    Metric("style_score", "mean share of the style's region painted in its colour (0–1)"),
     Metric("prompt_fidelity", "share of requested background/position/size realised (0–1, higher better)",
            key=True),
     Metric("pres", "share of class-noun images showing the subject: language drift (0–1, lower better)",
-           better="lower", per_seed={"subject": 1, "combination": 2}, key=True,
+           per_seed={"subject": 1, "combination": 2}, key=True,
            real_legend="mean DINO (or CLIP-I) cosine, class-noun images vs real subject (language drift, "
            "lower better)"),
     Metric("style_drift", "share of prompts without the style trigger showing the style (0–1, lower better)",
-           better="lower", per_seed={"style": 8, "combination": 2}),
+           per_seed={"style": 8, "combination": 2}),
     Metric("div", "mean pairwise pixel distance of class-noun images (0–1, higher better)", key=True,
            real_legend="mean pairwise lpips-vit distance within a subject prompt (diversity, higher better)"),
-    Metric("div_subject", "mean pairwise pixel distance of subject images (0–1)", better=""),
+    Metric("div_subject", "mean pairwise pixel distance of subject images (0–1)"),
     Metric("background_leak", "share of bare subject-prompt images on a background of its photos "
-           "(0–1, lower = less leak)", better="lower", per_seed={"subject": 1}),
-    Metric("plain_prompt_fidelity", "prompt fidelity of the same prompts without the style trigger (0–1)",
-           better=""),
+           "(0–1, lower = less leak)", per_seed={"subject": 1}),
+    Metric("plain_prompt_fidelity", "prompt fidelity of the same prompts without the style trigger (0–1)"),
     Metric("dino", "", real_legend="mean DINO cosine, generated vs real subject images (subject fidelity, "
            "higher better)"),
     Metric("clip_i", "", real_legend="mean CLIP image cosine, generated vs real subject images (subject "

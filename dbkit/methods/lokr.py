@@ -32,10 +32,10 @@ class Lokr(Method):
 
     def check(self, params: dict) -> None:
         t = params["train"]
-        check_targets(params | {"train": t | {"text_encoder": False}})
         if t["text_encoder"]:
             raise ParamsProblem("train.method", "train.method is lokr, which trains the UNet only "
                                 "(diffusers loads no LoKr into a text encoder): set train.text_encoder: false")
+        check_targets(params)
         if t["lora"]["dropout"]:
             raise ParamsProblem("train.lora.dropout", "'train.lora.dropout' is LoRA's dropout, which LoKr does "
                                 "not have: set it to 0 with train.method: lokr")
@@ -83,6 +83,8 @@ class Lokr(Method):
 
 def kohya_state_dict(sd: dict, alpha: float, rank: int, xl: bool) -> dict:
     """peft's LoKr tensors under LyCORIS' kohya names (see the module docstring for alpha)."""
+    import torch
+
     from .. import export
 
     modules: dict[str, dict] = {}
@@ -97,15 +99,9 @@ def kohya_state_dict(sd: dict, alpha: float, rank: int, xl: bool) -> dict:
         if "lokr_w1" in factors and "lokr_w2" in factors:
             factors["lokr_w1"] = factors["lokr_w1"] * (alpha / rank)
         else:
-            out[f"{name}.alpha"] = _scalar(alpha)
+            out[f"{name}.alpha"] = torch.tensor(alpha)
         out |= {f"{name}.{kind}": v for kind, v in factors.items()}
     return out
-
-
-def _scalar(x: float):
-    import torch
-
-    return torch.tensor(x)
 
 
 LOKR = Lokr()
